@@ -1,0 +1,86 @@
+"""TransferPlan: every read one decode rank makes for one request, as flat numpy arrays.
+
+Offsets are bytes from the start of a region of EngineLayout.rank(r).regions. The region id
+SCRATCH names a side's scratch buffer instead: the decode rank's staging buffer (reads into it,
+then `decode_restore` copies out of it) or, with `permute`, the prefill rank's scratch buffer
+(`prefill_reorder[rank]` fills it before the reads).
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import numpy as np
+
+SCRATCH = -1    # region id of a side's scratch buffer (decode staging / prefill permute scratch)
+
+
+class Strategy(enum.Enum):
+    DIRECT = "direct"      # one read per contiguous run, straight into place
+    STAGING = "staging"    # read whole source pages into staging, extract locally on decode
+    PERMUTE = "permute"    # prefill reorders into destination-chunk order, decode restores
+    AUTO = "auto"          # the cheapest of the above by the cost model
+
+
+@dataclass(frozen=True)
+class CopyList:
+    """Local copies on one rank: src/dst region ids (SCRATCH allowed), byte offsets, lengths."""
+    src_region: np.ndarray      # int32
+    src_offset: np.ndarray      # int64
+    dst_region: np.ndarray      # int32
+    dst_offset: np.ndarray      # int64
+    nbytes: np.ndarray          # int64
+
+    @staticmethod
+    def empty() -> "CopyList":
+        i32, i64 = np.zeros(0, np.int32), np.zeros(0, np.int64)
+        return CopyList(i32, i64, i32.copy(), i64.copy(), i64.copy())
+
+    def __len__(self) -> int:
+        return len(self.nbytes)
+
+
+@dataclass(frozen=True)
+class ReadGroup:
+    """What one slice of the plan reads, for reports: one (layer, tensor, segment, source)."""
+    layer: int
+    tensor: str
+    segment: str
+    prefill_rank: int
+    global_range: tuple[int, int]   # [start, stop) in the segment's units
+    nbytes: int
+    descriptors: int
+
+
+@dataclass(frozen=True)
+class TransferPlan:
+    decode_rank: int
+    strategy: Strategy
+    # One entry per read (descriptor), sorted by (src_rank, src_region, src_offset).
+    src_rank: np.ndarray        # int32
+    src_region: np.ndarray      # int32, SCRATCH: the prefill rank's permute scratch
+    src_offset: np.ndarray      # int64
+    dst_region: np.ndarray      # int32, SCRATCH: this decode rank's staging buffer
+    dst_offset: np.ndarray      # int64
+    nbytes: np.ndarray          # int64
+    staging_nbytes: int = 0                                  # decode-side scratch needed
+    prefill_scratch_nbytes: dict[int, int] = field(default_factory=dict)   # per prefill rank
+    prefill_reorder: dict[int, CopyList] = field(default_factory=dict)     # run on prefill first
+    decode_restore: CopyList = field(default_factory=CopyList.empty)       # run on decode after
+    groups: tuple[ReadGroup, ...] = ()
+    minimal_nbytes: int = 0     # bytes of the decode shard itself (what a perfect plan moves)
+
+    @property
+    def num_descriptors(self) -> int:
+        return len(self.nbytes)
+
+    @property
+    def total_nbytes(self) -> int:
+        return int(self.nbytes.sum())
+
+    def source_ranks(self) -> list[int]:
+        return sorted(set(int(r) for r in np.unique(self.src_rank)))
+
+    def reads_from(self, prefill_rank: int) -> np.ndarray:
+        """Indices of the reads served by one prefill rank."""
+        return np.nonzero(self.src_rank == prefill_rank)[0]
