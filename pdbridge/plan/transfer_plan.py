@@ -84,3 +84,19 @@ class TransferPlan:
     def reads_from(self, prefill_rank: int) -> np.ndarray:
         """Indices of the reads served by one prefill rank."""
         return np.nonzero(self.src_rank == prefill_rank)[0]
+
+
+@dataclass(frozen=True)
+class RequestBlocks:
+    """The blocks one engine holds for one request: the tokens whose state is transferred,
+    the attention block table (logical block ids, in token order) and the state block id
+    (one page per state mixer, at the same id in every state region)."""
+    num_tokens: int
+    attn_blocks: tuple[int, ...]
+    state_block: int
+
+    def __post_init__(self):
+        if self.num_tokens < 0:
+            raise ValueError(f"num_tokens must be >= 0, got {self.num_tokens}")
+        if self.state_block < 0 or any(b < 0 for b in self.attn_blocks):
+            raise ValueError("block ids must be >= 0")

@@ -1,0 +1,53 @@
+"""`pdbridge ...`: thin argument parsing; each subcommand lives in pdbridge/commands/<name>.py.
+
+A command module exposes `add_arguments(parser)` and `run(args) -> int`; it is imported only
+when its subcommand runs, so `pdbridge plan` never imports torch.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "plan": ("plan", "print the transfer plan between a prefill and a decode TP size"),
+    "bench": ("bench", "benchmarks (`pdbridge bench transfer`)"),
+    "generate": ("generate", "run one monolithic engine and print the generated tokens"),
+    "demo": ("demo", "end-to-end prefill -> transfer -> decode against a monolithic engine"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad flags: a one-line error, then the usage, exit 2."""
+
+    def error(self, message):
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        self.print_usage(sys.stderr)
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="pdbridge", description=__doc__.splitlines()[0].strip("`: "))
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        _load(module).add_arguments(p)
+    return parser
+
+
+def _load(module: str):
+    return importlib.import_module(f"pdbridge.commands.{module}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_module", None):
+        parser.print_help()
+        return 2
+    return int(_load(args._module).run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

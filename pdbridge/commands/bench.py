@@ -1,0 +1,9 @@
+"""Placeholder: replaced by the helper that owns this command."""
+
+
+def add_arguments(parser):
+    pass
+
+
+def run(args):
+    raise SystemExit("pdbridge bench: not built yet")
