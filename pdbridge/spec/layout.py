@@ -329,6 +329,33 @@ class EngineLayout:
                 "cache": self.cache.to_dict(), "block_tokens": self.block_tokens,
                 "kernel_block_tokens": self.kernel_block_tokens}
 
+    def to_dict(self) -> dict[str, Any]:
+        """Everything needed to rebuild this layout elsewhere (plain JSON/msgpack types).
+
+        The model travels as the config it was built from (`ModelSpec.config`), so the other
+        side rebuilds it with the same builder; `from_dict` checks the rebuilt digest.
+        """
+        from .hf_config import load_model_spec     # deferred: hf_config is the edge parser
+        if not self.model.config:
+            raise LayoutError(f"model {self.model.model_type!r} has no source config; "
+                              f"build it with load_model_spec to send its layout")
+        if load_model_spec(self.model.config, dtype=self.model.dtype) != self.model:
+            raise LayoutError("model spec differs from the spec its config rebuilds into; "
+                              "only specs built by load_model_spec can be sent")
+        return {"model_config": dict(self.model.config), "model_dtype": self.model.dtype,
+                "tp_size": self.tp_size, "cache": self.cache.to_dict(), "digest": self.digest}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EngineLayout":
+        """Inverse of to_dict; raises LayoutError if the rebuilt digest differs from d's."""
+        from .hf_config import load_model_spec
+        model = load_model_spec(d["model_config"], dtype=d["model_dtype"])
+        layout = cls(model, d["tp_size"], CacheConfig.from_dict(d["cache"]))
+        if "digest" in d and layout.digest != d["digest"]:
+            raise LayoutError(f"rebuilt layout digest {layout.digest} differs from the sent "
+                              f"digest {d['digest']}")
+        return layout
+
     @cached_property
     def digest(self) -> str:
         blob = json.dumps(self.describe(), sort_keys=True).encode()
