@@ -1,0 +1,7 @@
+"""Pure transfer planning: which bytes each decode rank reads from which prefill rank."""
+from .cost_model import CostModel
+from .planner import parse_strategy, plan_transfer
+from .transfer_plan import SCRATCH, CopyList, ReadGroup, RequestBlocks, Strategy, TransferPlan
+
+__all__ = ["CostModel", "CopyList", "ReadGroup", "RequestBlocks", "SCRATCH", "Strategy",
+           "TransferPlan", "parse_strategy", "plan_transfer"]
