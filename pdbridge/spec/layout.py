@@ -86,9 +86,13 @@ class Axis:
 
 @dataclass(frozen=True)
 class Region:
-    name: str       # "L3.mamba2", "L5.kv"
+    name: str       # "L3.state", "L5.kv"
     layer: int
     nbytes: int
+    paged: bool = False     # attention KV (indexed by token) rather than per-request state
+
+    def page_nbytes(self, num_blocks: int) -> int:
+        return self.nbytes // num_blocks
 
 
 @dataclass(frozen=True)
@@ -141,6 +145,10 @@ class RankLayout:
     @property
     def nbytes(self) -> int:
         return sum(r.nbytes for r in self.regions)
+
+    def state_nbytes_per_request(self, num_blocks: int) -> int:
+        """Bytes of one request's recurrent state on this rank (one page per state region)."""
+        return sum(r.page_nbytes(num_blocks) for r in self.regions if not r.paged)
 
 
 @dataclass(frozen=True, eq=False)
@@ -268,7 +276,7 @@ class EngineLayout:
             if g[0].paged:
                 tl = _tensor_layout(g[0], t, r, idx, 0, self.num_blocks * m, kbt, None)
                 nbytes = tl.block_nbytes * self.num_blocks * m
-                regions.append(Region(f"L{g[0].layer}.{g[0].name}", g[0].layer, nbytes))
+                regions.append(Region(f"L{g[0].layer}.{g[0].name}", g[0].layer, nbytes, paged=True))
                 tensors.append(tl)
                 continue
             bases, natural = _page_bases(g, t, r)

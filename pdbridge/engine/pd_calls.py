@@ -1,0 +1,93 @@
+"""The worker calls of P/D disaggregation: what rank 0 of an engine asks every rank to do.
+
+Each call runs on every rank of one engine (`pdbridge.engine.messages`); the handler names a
+method of that rank's PDRank (`pd.<method>`), created by PDSetup.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import msgspec
+
+from .messages import WorkerCall
+
+
+class PDSetup(WorkerCall):
+    """Open this rank's transport agent, register its cache regions and scratch buffer;
+    a prefill rank also starts serving its metadata (handshake) and polling notifications."""
+    handler: ClassVar[str] = "setup_pd"
+    collect: ClassVar[bool] = True
+    role: str                   # "prefill" | "decode"
+    engine_id: str
+    transport: str              # "nixl" | "local"
+    scratch_nbytes: int
+    timeout_s: float = 30.0
+
+
+class PDRankInfo(msgspec.Struct):
+    rank: int
+    endpoint: str               # prefill: the metadata server's address; decode: ""
+    scratch_nbytes: int
+
+
+class PreparePermute(WorkerCall):
+    """Prefill ranks: gather into scratch, in destination order, what every decode rank of
+    one decode engine will read with the permute strategy (DESIGN.md section 4)."""
+    handler: ClassVar[str] = "pd.prepare_permute"
+    collect: ClassVar[bool] = True
+    request_id: str
+    decode_engine_id: str
+    decode_layout: dict[str, Any]           # EngineLayout.to_dict() of the decode engine
+    prefill_blocks: tuple[int, tuple[int, ...], int]   # RequestBlocks fields
+    decode_blocks: tuple[int, tuple[int, ...], int]
+    strategy: str
+
+
+class ScratchBases(msgspec.Struct):
+    """Per decode rank, where this prefill rank put its permuted bytes in its scratch."""
+    rank: int
+    bases: dict[int, int]
+
+
+class ForgetRequest(WorkerCall):
+    """Prefill ranks: free the scratch a request's permute used."""
+    handler: ClassVar[str] = "pd.forget"
+    request_id: str
+
+
+class PollNotifications(WorkerCall):
+    """Prefill ranks: the notifications (encoded ReadDone / LeaseRenew) received so far."""
+    handler: ClassVar[str] = "pd.poll_notifications"
+    collect: ClassVar[bool] = True
+
+
+class Notifications(msgspec.Struct):
+    rank: int
+    messages: list[bytes]
+
+
+class Pull(WorkerCall):
+    """Decode ranks: plan this rank's reads of one request and pull them; every rank of the
+    decode engine runs it with the same arguments and plans for itself."""
+    handler: ClassVar[str] = "pd.pull"
+    collect: ClassVar[bool] = True
+    request_id: str
+    prefill_engine_id: str
+    prefill_layout: dict[str, Any]          # EngineLayout.to_dict() of the prefill engine
+    endpoints: list[str]                    # metadata server of each prefill rank
+    prefill_blocks: tuple[int, tuple[int, ...], int]
+    decode_blocks: tuple[int, tuple[int, ...], int]
+    strategy: str
+    scratch_bases: dict[int, dict[int, int]] = {}   # prefill rank -> decode rank -> base
+    timeout_s: float = 30.0
+
+
+class PullResult(msgspec.Struct):
+    rank: int
+    ok: bool
+    detail: str = ""
+    strategy: str = ""                      # the concrete strategy (auto resolves to one)
+    sources: list[int] = []
+    nbytes: int = 0
+    descriptors: int = 0
+    seconds: float = 0.0

@@ -1,0 +1,189 @@
+"""PDRank: one TP rank's side of P/D disaggregation, living in that rank's process.
+
+A prefill rank registers its cache regions (and a permute scratch buffer) with its transport
+agent, serves its metadata over the handshake, gathers permuted bytes when asked, and
+collects the decode ranks' ReadDone notifications. A decode rank plans its own reads against
+the prefill layout (pure planner), fetches the metadata of exactly the prefill ranks its plan
+reads from (once per engine), pulls, restores, and notifies every prefill rank it read from.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from pdbridge.plan import RequestBlocks, SCRATCH, Strategy, TransferPlan, plan_transfer
+from pdbridge.spec import EngineLayout
+from pdbridge.transport.copies import execute_plan, run_copies
+from pdbridge.transport.handshake import MetadataServer, PeerDirectory, RankMetadata, peer_name
+from pdbridge.transport.messages import ReadDone, RegionAddr, encode
+from pdbridge.transport.transport import buffer_info
+
+from .pd_calls import (ForgetRequest, Notifications, PDRankInfo, PDSetup, PollNotifications,
+                       PreparePermute, Pull, PullResult, ScratchBases)
+from .scratch_allocator import ScratchAllocator
+
+POLL_INTERVAL_S = 0.001     # the passive NIXL side must progress about every ms (REFERENCE.md)
+
+
+def make_transport(kind: str, name: str):
+    if kind == "nixl":
+        from pdbridge.transport.nixl import NixlTransport
+        return NixlTransport(name)
+    if kind == "local":
+        from pdbridge.transport.local import LocalTransport
+        return LocalTransport(name)
+    raise ValueError(f"transport={kind!r}; allowed: nixl, local")
+
+
+class PDRank:
+    def __init__(self, worker: Any, call: PDSetup):
+        if call.role not in ("prefill", "decode"):
+            raise ValueError(f"role={call.role!r}; allowed: prefill, decode")
+        self.rank, self.layout, self.caches = worker.rank, worker.layout, worker.caches
+        self.role, self.engine_id, self.timeout_s = call.role, call.engine_id, call.timeout_s
+        self.transport = make_transport(call.transport, peer_name(call.engine_id, self.rank))
+        self.scratch = np.zeros(call.scratch_nbytes, np.uint8) if call.scratch_nbytes else None
+        self.transport.register_regions(self.caches.region_buffers, self.scratch)
+        self._layouts: dict[str, EngineLayout] = {self.layout.digest: self.layout}
+        self.server: MetadataServer | None = None
+        if self.role == "prefill":
+            self._start_prefill()
+        else:
+            self.directory = PeerDirectory(self.layout, self.engine_id, self.rank,
+                                           timeout_s=self.timeout_s, strategy=Strategy.DIRECT,
+                                           add_peer=self.transport.add_peer)
+
+    def info(self) -> PDRankInfo:
+        return PDRankInfo(self.rank, self.server.endpoint if self.server else "",
+                          0 if self.scratch is None else len(self.scratch))
+
+    # ---- prefill side ------------------------------------------------------------------
+
+    def _start_prefill(self) -> None:
+        self.scratch_alloc = ScratchAllocator(0 if self.scratch is None else len(self.scratch))
+        self._inbox: list[bytes] = []
+        self._lock = threading.Lock()
+        regions = tuple(RegionAddr(buffer_info(b).addr, buffer_info(b).nbytes)
+                        for b in self.caches.region_buffers)
+        scratch = None if self.scratch is None else RegionAddr(self.scratch.ctypes.data, len(self.scratch))
+        meta = RankMetadata(self.engine_id, self.rank, self.layout, self.transport.metadata(),
+                            regions, scratch)
+        self.server = MetadataServer(meta, on_notification=lambda m: self._keep(encode(m)))
+        self._stop = threading.Event()
+        self._poller = threading.Thread(target=self._poll_loop, daemon=True,
+                                        name=f"pd-notifs-{self.engine_id}-{self.rank}")
+        self._poller.start()
+
+    def _keep(self, message: bytes) -> None:
+        with self._lock:
+            self._inbox.append(message)
+
+    def _poll_loop(self) -> None:
+        """Drive the passive side's progress and keep its notifications for PollNotifications."""
+        while not self._stop.is_set():
+            try:
+                for _, message in self.transport.get_notifications():
+                    self._keep(message)
+            except Exception:       # closed under us at shutdown
+                return
+            time.sleep(POLL_INTERVAL_S)
+
+    def poll_notifications(self, call: PollNotifications) -> Notifications:
+        with self._lock:
+            out, self._inbox = self._inbox, []
+        return Notifications(self.rank, out)
+
+    def prepare_permute(self, call: PreparePermute) -> ScratchBases:
+        """Gather, for every decode rank whose plan permutes, its bytes from this rank."""
+        decode = self._layout(call.decode_layout)
+        pblocks, dblocks = RequestBlocks(*call.prefill_blocks), RequestBlocks(*call.decode_blocks)
+        bases = {}
+        for j in range(decode.tp_size):
+            plan = plan_transfer(self.layout, decode, j, pblocks, dblocks, call.strategy)
+            copies = plan.prefill_reorder.get(self.rank)
+            if plan.strategy is not Strategy.PERMUTE or copies is None or not len(copies):
+                continue
+            base = self.scratch_alloc.allocate(call.request_id, plan.prefill_scratch_nbytes[self.rank])
+            shifted = _shift(copies, dst=base)
+            run_copies(shifted, self.caches.region_buffers, self.scratch)
+            bases[j] = base
+        return ScratchBases(self.rank, bases)
+
+    def forget(self, call: ForgetRequest) -> None:
+        self.scratch_alloc.free(call.request_id)
+
+    # ---- decode side -------------------------------------------------------------------
+
+    def pull(self, call: Pull) -> PullResult:
+        t0 = time.perf_counter()
+        plan: TransferPlan | None = None
+        try:
+            prefill = self._layout(call.prefill_layout)
+            plan = plan_transfer(prefill, self.layout, self.rank, RequestBlocks(*call.prefill_blocks),
+                                 RequestBlocks(*call.decode_blocks), call.strategy)
+            sources = plan.source_ranks()
+            # Exactly the prefill ranks this plan reads from, each fetched once per engine.
+            self.directory.get_ranks(call.prefill_engine_id, sources, lambda r: call.endpoints[r])
+            plan = _with_scratch_bases(plan, call.scratch_bases)
+            peers = {r: peer_name(call.prefill_engine_id, r) for r in sources}
+            execute_plan(self.transport, plan, peers, self.caches.region_buffers, self.scratch,
+                         call.timeout_s)
+            result = PullResult(self.rank, True, "", plan.strategy.value, sources,
+                                plan.total_nbytes, plan.num_descriptors)
+        except Exception as e:
+            result = PullResult(self.rank, False, f"{type(e).__name__}: {e}",
+                                plan.strategy.value if plan else "", plan.source_ranks() if plan else [])
+        result.seconds = time.perf_counter() - t0
+        self._notify_sources(call, result)
+        return result
+
+    def _notify_sources(self, call: Pull, result: PullResult) -> None:
+        """Tell every prefill rank read from that this rank is done with the request, after
+        ALL its reads ended, so a prefill engine never frees blocks another read still uses."""
+        msg = encode(ReadDone(call.request_id, self.engine_id, self.rank, result.ok, result.detail))
+        for r in result.sources:
+            try:
+                self.transport.notify(peer_name(call.prefill_engine_id, r), msg)
+            except Exception:
+                pass        # the prefill rank is gone; its lease expiry frees the blocks
+
+    # ---- shared ------------------------------------------------------------------------
+
+    def _layout(self, d: dict) -> EngineLayout:
+        digest = d.get("digest")
+        if digest not in self._layouts:
+            self._layouts[digest] = EngineLayout.from_dict(d)
+        return self._layouts[digest]
+
+    def close(self) -> None:
+        if self.server is not None:
+            self._stop.set()
+            self._poller.join(1.0)
+            self.server.close()
+        self.transport.close()
+
+
+def _shift(copies, dst: int):
+    from pdbridge.plan import CopyList
+    return CopyList(copies.src_region, copies.src_offset, copies.dst_region,
+                    copies.dst_offset + dst, copies.nbytes)
+
+
+def _with_scratch_bases(plan: TransferPlan, bases: dict[int, dict[int, int]]) -> TransferPlan:
+    """Reads from a prefill rank's scratch, moved to where that rank put this rank's bytes."""
+    from_scratch = plan.src_region == SCRATCH
+    if not from_scratch.any():
+        return plan
+    offsets = plan.src_offset.copy()
+    for r in np.unique(plan.src_rank[from_scratch]).tolist():
+        try:
+            base = bases[r][plan.decode_rank]
+        except KeyError:
+            raise RuntimeError(f"plan reads prefill rank {r}'s scratch but it prepared none "
+                               f"for decode rank {plan.decode_rank}") from None
+        offsets[from_scratch & (plan.src_rank == r)] += base
+    import dataclasses
+    return dataclasses.replace(plan, src_offset=offsets)

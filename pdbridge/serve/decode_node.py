@@ -1,0 +1,111 @@
+"""DecodeNode: a decode engine (TP = d worker processes) that starts requests from state pulled
+off a prefill engine, and falls back to recomputing the prompt when a pull fails.
+
+Each decode rank plans and pulls its own reads (PDRank.pull); the last prompt token then runs
+as an ordinary decode step (query_len 1, context N-1) in the engine's decode batch.
+"""
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass
+
+from pdbridge.engine.llm_engine import Engine, RequestHandle
+from pdbridge.engine.pd_calls import PDSetup, Pull, PullResult
+from pdbridge.engine.request import SamplingParams
+from pdbridge.plan import Strategy, parse_strategy
+from pdbridge.spec import CacheConfig, EngineLayout
+
+from .transfer_params import TransferParams
+
+_ENGINE_IDS = itertools.count()
+
+
+class OnFailure(enum.Enum):
+    RECOMPUTE = "recompute"     # compute the prompt here instead (the default)
+    FAIL = "fail"               # end the request with an error
+
+
+class PullFailed(RuntimeError):
+    """A request's state could not be pulled and the node is set to fail, not recompute."""
+
+
+@dataclass(frozen=True)
+class PullOutcome:
+    request_id: int             # the decode engine's id of the request that now runs
+    ok: bool
+    recomputed: bool
+    results: tuple[PullResult, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r.nbytes for r in self.results)
+
+    @property
+    def descriptors(self) -> int:
+        return sum(r.descriptors for r in self.results)
+
+    @property
+    def errors(self) -> list[str]:
+        return [f"decode rank {r.rank}: {r.detail}" for r in self.results if not r.ok]
+
+
+class DecodeNode:
+    def __init__(self, model_dir: str | None, tp_size: int, cache_config: CacheConfig, *,
+                 transport: str = "nixl", engine_id: str | None = None,
+                 strategy: Strategy | str = Strategy.AUTO,
+                 on_failure: OnFailure | str = OnFailure.RECOMPUTE,
+                 staging_nbytes: int | None = None, timeout_s: float = 60.0):
+        self.engine_id = engine_id or f"decode{next(_ENGINE_IDS)}"
+        self.strategy = parse_strategy(strategy)
+        self.on_failure = OnFailure(on_failure)
+        self.timeout_s = timeout_s
+        self.engine = Engine(model_dir, tp_size, cache_config, timeout_s=timeout_s)
+        self.layout: EngineLayout = self.engine.layout
+        self.layout_dict = self.layout.to_dict()
+        nbytes = staging_nbytes if staging_nbytes is not None else default_staging_nbytes(self.layout)
+        self.engine.call(PDSetup("decode", self.engine_id, transport, nbytes, timeout_s))
+
+    @property
+    def tp_size(self) -> int:
+        return self.layout.tp_size
+
+    def allocate(self, prompt_ids, sampling: SamplingParams) -> RequestHandle:
+        """Blocks for the first N-1 prompt tokens, for the pull to fill."""
+        return self.engine.add_request(prompt_ids, sampling, imported=True)
+
+    def pull(self, handle: RequestHandle, params: TransferParams,
+             scratch_bases: dict[int, dict[int, int]] | None = None) -> PullOutcome:
+        """Every decode rank pulls its shard; then the request decodes from the pulled state,
+        or (on any failure) recomputes its prompt here, or fails, as configured."""
+        b = handle.blocks
+        if b.num_tokens != params.num_tokens:
+            raise ValueError(f"decode blocks hold {b.num_tokens} tokens, the prefill engine "
+                             f"computed {params.num_tokens}")
+        results = tuple(sorted(self.engine.call(Pull(
+            params.request_id, params.engine_id, params.layout, params.endpoints,
+            params.prefill_blocks, (b.num_tokens, b.attn_blocks, b.state_block),
+            self.strategy.value, scratch_bases or {}, self.timeout_s)), key=lambda r: r.rank))
+        if all(r.ok for r in results):
+            self.engine.state_arrived(handle.request_id)
+            return PullOutcome(handle.request_id, True, False, results)
+        return self._failed(handle, results)
+
+    def _failed(self, handle: RequestHandle, results: tuple[PullResult, ...]) -> PullOutcome:
+        req = self.engine.request(handle.request_id)
+        self.engine.abort(handle.request_id)
+        errors = "; ".join(f"decode rank {r.rank}: {r.detail}" for r in results if not r.ok)
+        if self.on_failure is OnFailure.FAIL:
+            raise PullFailed(f"pulling request state failed: {errors}")
+        rid = self.engine.add_request(req.prompt_ids, req.sampling)
+        return PullOutcome(rid, False, True, results)
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def default_staging_nbytes(layout: EngineLayout) -> int:
+    """Room for whole source pages (staging) or a permuted copy: twice the model's whole
+    per-request state at TP=1, which bounds what one decode rank reads for one request."""
+    single = EngineLayout(layout.model, 1, layout.cache)
+    return max(1 << 20, 2 * single.rank(0).state_nbytes_per_request(single.num_blocks))

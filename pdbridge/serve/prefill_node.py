@@ -1,0 +1,101 @@
+"""PrefillNode: a prefill engine (TP = p worker processes) serving its caches to decoders.
+
+It computes the first N-1 prompt tokens of each request, keeps the blocks under a lease, and
+frees them exactly once: when every expected decode rank has said it is done reading, or
+when the lease expires (DESIGN.md section 5).
+"""
+from __future__ import annotations
+
+import itertools
+import time
+
+import msgspec
+
+from pdbridge.engine.llm_engine import Engine, RequestHandle
+from pdbridge.engine.pd_calls import ForgetRequest, PDSetup, PollNotifications, PreparePermute
+from pdbridge.spec import CacheConfig, EngineLayout
+from pdbridge.transport.bookkeeping import LeaseTable, Release
+from pdbridge.transport.messages import LeaseRenew, ProtocolError, ReadDone, decode
+
+from .transfer_params import TransferParams
+
+_ENGINE_IDS = itertools.count()
+
+
+class PrefillNode:
+    def __init__(self, model_dir: str | None, tp_size: int, cache_config: CacheConfig, *,
+                 transport: str = "nixl", engine_id: str | None = None, lease_s: float = 30.0,
+                 scratch_nbytes: int | None = None, timeout_s: float = 60.0):
+        self.engine_id = engine_id or f"prefill{next(_ENGINE_IDS)}"
+        self.engine = Engine(model_dir, tp_size, cache_config, timeout_s=timeout_s)
+        self.layout: EngineLayout = self.engine.layout
+        self._layout_dict = self.layout.to_dict()
+        self.leases: LeaseTable[RequestHandle] = LeaseTable(lease_s)
+        nbytes = scratch_nbytes if scratch_nbytes is not None else default_scratch_nbytes(self.layout)
+        infos = self.engine.call(PDSetup("prefill", self.engine_id, transport, nbytes, timeout_s))
+        self.endpoints = [i.endpoint for i in sorted(infos, key=lambda i: i.rank)]
+        self.released: list[Release[RequestHandle]] = []
+
+    def prefill(self, prompt_ids) -> TransferParams:
+        """Compute tokens 0..N-2 and keep their blocks until the decode side has read them."""
+        if len(prompt_ids) < 2:
+            raise ValueError("a disaggregated prompt needs at least 2 tokens (N-1 prefilled here, "
+                             "the last one computed by the decode engine)")
+        handle = self.engine.prefill_for_transfer(prompt_ids)
+        rid = f"{self.engine_id}:{handle.request_id}"
+        now = time.monotonic()
+        self.leases.register(rid, handle, now)
+        b = handle.blocks
+        return TransferParams(self.engine_id, rid, b.num_tokens, (b.num_tokens, b.attn_blocks,
+                              b.state_block), self._layout_dict, self.endpoints,
+                              self.leases.deadline(rid))
+
+    def expect_readers(self, params: TransferParams, decode_engine_id: str, decode_tp: int) -> None:
+        """Name the decode ranks that will read the request (known once the router chose)."""
+        self._account(self.leases.expect(params.request_id,
+                                         [(decode_engine_id, j) for j in range(decode_tp)]))
+
+    def prepare_permute(self, params: TransferParams, decode_engine_id: str,
+                        decode_layout: dict, decode_blocks, strategy: str) -> dict[int, dict[int, int]]:
+        """Every prefill rank gathers the bytes permute reads; returns rank -> decode rank -> base."""
+        out = self.engine.call(PreparePermute(params.request_id, decode_engine_id, decode_layout,
+                                              params.prefill_blocks, decode_blocks, strategy))
+        return {sb.rank: dict(sb.bases) for sb in out}
+
+    def poll(self) -> list[Release[RequestHandle]]:
+        """Apply the decode ranks' notifications and lease expiries; free released blocks."""
+        now = time.monotonic()
+        for batch in self.engine.call(PollNotifications()):
+            for blob in batch.messages:
+                try:
+                    msg = decode(blob)
+                except ProtocolError:
+                    continue                    # a malformed notification frees nothing
+                if isinstance(msg, (ReadDone, LeaseRenew)):
+                    self._account(self.leases.apply(msg, now))
+        for rel in self.leases.expire(now):
+            self._account(rel)
+        return self.released
+
+    def _account(self, rel: Release[RequestHandle] | None) -> None:
+        if rel is None:
+            return
+        self.engine.release(rel.blocks)
+        self.engine.call(ForgetRequest(rel.request_id))
+        self.released.append(rel)
+
+    @property
+    def num_held(self) -> int:
+        """Requests whose blocks are still held for readers."""
+        return len(self.leases)
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def default_scratch_nbytes(layout: EngineLayout, requests: int = 4) -> int:
+    """Room for the permuted state of a few requests: the largest rank's state bytes per
+    request, twice (replicated units can be read by several decode ranks)."""
+    per_request = max(layout.rank(k).state_nbytes_per_request(layout.num_blocks)
+                      for k in range(layout.tp_size))
+    return max(1 << 20, 2 * requests * per_request)
