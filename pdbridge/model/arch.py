@@ -1,0 +1,165 @@
+"""The arithmetic an architecture adds to the shared modules: epsilons, activations, RoPE,
+muP-style multipliers, MoE routing. Read once from `ModelSpec.config` (the HF config.json).
+
+Geometry (heads, groups, layer kinds) comes from the ModelSpec; everything here is the rest.
+Sources: transformers 5.x modeling files of each architecture.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from pdbridge.spec import ModelSpec
+
+SUPPORTED = ("nemotron_h", "bamba", "granitemoehybrid", "falcon_h1")     # zamba2: not yet
+
+
+def _float(v: Any) -> float:
+    if isinstance(v, dict) and "__float__" in v:      # transformers' JSON spelling of inf
+        return float(v["__float__"])
+    return float(v)
+
+
+@dataclass(frozen=True)
+class Rope:
+    theta: float
+    rotary_dim: int             # leading head_dim channels rotated (partial rotary)
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    num_experts: int
+    top_k: int
+    router: str                 # "sigmoid_group" (NemotronH) | "softmax_topk" (Granite)
+    gated: bool                 # experts are act(gate) * up (Granite) or act(up) (NemotronH)
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+
+
+@dataclass(frozen=True)
+class ArchConfig:
+    model_type: str
+    eps: float                          # every RMSNorm, gated norm included
+    mlp_act: str                        # "relu2" | "silu" | "gelu"
+    mlp_gated: bool                     # SwiGLU-style gate * up
+    mamba_act: str = "silu"
+    dt_limit: tuple[float, float] = (0.0, math.inf)
+    mamba_norm: bool = True             # gated RMSNorm after the scan (FalconH1: optional)
+    norm_before_gate: bool = False      # FalconH1: y -> norm -> * silu(z)
+    rope: Rope | None = None
+    attn_scale: float | None = None     # None: head_dim ** -0.5
+    embedding_multiplier: float = 1.0
+    logits_multiplier: float = 1.0      # Granite divides by logits_scaling; FalconH1 multiplies
+    residual_multiplier: float = 1.0    # Granite: residual + out * m
+    attn_in_multiplier: float = 1.0     # FalconH1
+    attn_out_multiplier: float = 1.0
+    ssm_out_multiplier: float = 1.0
+    key_multiplier: float = 1.0
+    mlp_gate_multiplier: float = 1.0
+    mlp_down_multiplier: float = 1.0
+    zxbcdt_multipliers: tuple[float, ...] = (1.0,) * 5   # folded into in_proj at load time
+    ssm_in_multiplier: float = 1.0
+    moe: MoeConfig | None = None
+    tie_word_embeddings: bool = False
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _rope(cfg: Mapping[str, Any], head_dim: int) -> Rope:
+    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind != "default":
+        raise NotImplementedError(f"rope_type={kind!r}; supported: 'default'")
+    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    partial = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+    return Rope(float(theta), int(head_dim * partial))
+
+
+def _head_dim(spec: ModelSpec) -> int:
+    from pdbridge.spec import MixerKind
+    for layer in spec.layers:
+        a = layer.mixer(MixerKind.ATTENTION)
+        if a is not None:
+            return a.head_dim
+    return 0
+
+
+def arch_config(spec: ModelSpec) -> ArchConfig:
+    cfg, mt = spec.config, spec.model_type
+    if mt not in SUPPORTED:
+        raise NotImplementedError(f"pdbridge.model: model_type {mt!r} is not supported; "
+                                  f"supported: {', '.join(SUPPORTED)}")
+    return _BUILDERS[mt](cfg, spec)
+
+
+def _nemotron_h(cfg, spec) -> ArchConfig:
+    if cfg.get("moe_latent_size") is not None:
+        raise NotImplementedError("nemotron_h: moe_latent_size is not supported")
+    moe = MoeConfig(num_experts=int(cfg.get("n_routed_experts", 8)),
+                    top_k=int(cfg.get("num_experts_per_tok", 2)), router="sigmoid_group",
+                    gated=False, n_group=int(cfg.get("n_group", 1)),
+                    topk_group=int(cfg.get("topk_group", 1)),
+                    norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
+                    routed_scaling_factor=_float(cfg.get("routed_scaling_factor", 1.0)))
+    # NemotronH hard-codes (time_step_min, inf) as the dt clamp, whatever time_step_limit says.
+    return ArchConfig(spec.model_type, eps=_float(cfg.get("layer_norm_epsilon", 1e-5)),
+                      mlp_act=cfg.get("mlp_hidden_act", "relu2"), mlp_gated=False,
+                      mamba_act=cfg.get("mamba_hidden_act", "silu"),
+                      dt_limit=(_float(cfg.get("time_step_min", 0.001)), math.inf),
+                      rope=None, moe=moe,
+                      tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)))
+
+
+def _dt_limit(cfg) -> tuple[float, float]:
+    lim = cfg.get("time_step_limit") or (0.0, math.inf)
+    return _float(lim[0]), _float(lim[1])
+
+
+def _bamba(cfg, spec) -> ArchConfig:
+    return ArchConfig(spec.model_type, eps=_float(cfg.get("rms_norm_eps", 1e-5)),
+                      mlp_act=cfg.get("hidden_act", "silu"), mlp_gated=True,
+                      mamba_act=cfg.get("hidden_act", "silu"), dt_limit=_dt_limit(cfg),
+                      rope=_rope(cfg, _head_dim(spec)),
+                      tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)))
+
+
+def _granitemoehybrid(cfg, spec) -> ArchConfig:
+    experts = int(cfg.get("num_local_experts") or 0)
+    moe = MoeConfig(num_experts=experts, top_k=int(cfg.get("num_experts_per_tok", 2)),
+                    router="softmax_topk", gated=True) if experts else None
+    rope = _rope(cfg, _head_dim(spec)) if cfg.get("position_embedding_type") == "rope" else None
+    return ArchConfig(spec.model_type, eps=_float(cfg.get("rms_norm_eps", 1e-6)),
+                      mlp_act=cfg.get("hidden_act", "silu"), mlp_gated=True,
+                      mamba_act=cfg.get("hidden_act", "silu"), dt_limit=_dt_limit(cfg), rope=rope,
+                      attn_scale=_float(cfg.get("attention_multiplier", 1.0)),
+                      embedding_multiplier=_float(cfg.get("embedding_multiplier", 1.0)),
+                      logits_multiplier=1.0 / _float(cfg.get("logits_scaling", 1.0)),
+                      residual_multiplier=_float(cfg.get("residual_multiplier", 1.0)), moe=moe,
+                      tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)))
+
+
+def _falcon_h1(cfg, spec) -> ArchConfig:
+    gate_m, down_m = (cfg.get("mlp_multipliers") or [1.0, 1.0])
+    return ArchConfig(spec.model_type, eps=_float(cfg.get("rms_norm_eps", 1e-5)),
+                      mlp_act=cfg.get("hidden_act", "silu"), mlp_gated=True,
+                      mamba_act=cfg.get("hidden_act", "silu"), dt_limit=_dt_limit(cfg),
+                      mamba_norm=bool(cfg.get("mamba_rms_norm", False)),
+                      norm_before_gate=bool(cfg.get("mamba_norm_before_gate", True)),
+                      rope=_rope(cfg, _head_dim(spec)),
+                      embedding_multiplier=_float(cfg.get("embedding_multiplier", 1.0)),
+                      logits_multiplier=_float(cfg.get("lm_head_multiplier", 1.0)),
+                      attn_in_multiplier=_float(cfg.get("attention_in_multiplier", 1.0)),
+                      attn_out_multiplier=_float(cfg.get("attention_out_multiplier", 1.0)),
+                      ssm_out_multiplier=_float(cfg.get("ssm_out_multiplier", 1.0)),
+                      key_multiplier=_float(cfg.get("key_multiplier", 1.0)),
+                      mlp_gate_multiplier=_float(gate_m), mlp_down_multiplier=_float(down_m),
+                      zxbcdt_multipliers=tuple(_float(v) for v in
+                                               (cfg.get("ssm_multipliers") or [1.0] * 5)),
+                      ssm_in_multiplier=_float(cfg.get("ssm_in_multiplier", 1.0)),
+                      tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)))
+
+
+_BUILDERS = {"nemotron_h": _nemotron_h, "bamba": _bamba, "granitemoehybrid": _granitemoehybrid,
+             "falcon_h1": _falcon_h1}

@@ -1,0 +1,86 @@
+"""One decoder layer: pre-norm mixers (one, or attention and Mamba2 in parallel as FalconH1),
+residual; then pre-norm feed-forward (MLP or MoE), residual. Multipliers from ArchConfig."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pdbridge.spec import FfnKind, LayerSpec, MixerKind
+
+from .arch import ArchConfig
+from .attention import Attention
+from .batch import ForwardBatch
+from .mamba2 import Mamba2
+from .mlp import MLP
+from .moe import MoE
+from .norm import RMSNorm, group_spans_ranks
+from .shard import attention_shard, mamba2_shard, split_units
+
+
+class Block(nn.Module):
+    def __init__(self, layer: LayerSpec, hidden: int, arch: ArchConfig, cfg: dict, comm,
+                 names: set[str]):
+        super().__init__()
+        self.arch = arch
+        i, pre = layer.index, f"layers.{layer.index}."
+        self.mixer_norm = RMSNorm(hidden, arch.eps) if layer.mixers else None
+        a, m = layer.mixer(MixerKind.ATTENTION), layer.mixer(MixerKind.MAMBA2)
+        self.attn = self.mamba = self.ffn = self.ffn_norm = None
+        if a is not None:
+            self.attn = Attention(attention_shard(a, comm.size, comm.rank), hidden, i, arch.rope,
+                                  arch.attn_scale, arch.key_multiplier,
+                                  pre + "attn.q_proj.bias" in names, comm)
+        if m is not None:
+            shards = [mamba2_shard(m, comm.size, r) for r in range(comm.size)]
+            spans = [(s.h0 * m.head_dim, s.h1 * m.head_dim) for s in shards]
+            reduce = group_spans_ranks(spans, shards[0].norm_group_size())
+            self.mamba = Mamba2(shards[comm.rank], hidden, i, arch, reduce, comm,
+                                in_bias=pre + "mamba.in_proj.bias" in names,
+                                out_bias=pre + "mamba.out_bias" in names,
+                                conv_bias=pre + "mamba.conv_bias" in names)
+        if layer.ffn is not FfnKind.NONE:
+            self.ffn_norm = RMSNorm(hidden, arch.eps)
+            self.ffn = build_ffn(layer, hidden, arch, cfg, comm, names)
+
+    def forward(self, h: torch.Tensor, batch: ForwardBatch, caches) -> torch.Tensor:
+        arch = self.arch
+        if self.mixer_norm is not None:
+            x = self.mixer_norm(h)
+            out = None
+            if self.mamba is not None:
+                out = self.mamba(x, batch, caches) * arch.ssm_out_multiplier
+            if self.attn is not None:
+                y = self.attn(x * arch.attn_in_multiplier, batch, caches) * arch.attn_out_multiplier
+                out = y if out is None else out + y
+            h = h + out * arch.residual_multiplier
+        if self.ffn is not None:
+            h = h + self.ffn(self.ffn_norm(h)) * arch.residual_multiplier
+        return h
+
+
+def build_ffn(layer: LayerSpec, hidden: int, arch: ArchConfig, cfg: dict, comm,
+              names: set[str]) -> nn.Module:
+    pre = f"layers.{layer.index}.ffn."
+    bias = pre + "up_proj.bias" in names
+
+    def mlp(inter: int, bias: bool) -> MLP:
+        a, b = split_units(inter, comm.size, comm.rank)
+        return MLP(hidden, b - a, arch.mlp_act, arch.mlp_gated, bias, comm,
+                   arch.mlp_gate_multiplier, arch.mlp_down_multiplier)
+
+    if layer.ffn is FfnKind.MLP:
+        return mlp(_mlp_intermediate(cfg), bias)
+    moe = arch.moe
+    shared_inter = int(cfg.get("moe_shared_expert_intermediate_size")
+                       or cfg.get("shared_intermediate_size") or 0)
+    shared = mlp(shared_inter, pre + "shared.up_proj.bias" in names) if shared_inter else None
+    inter = int(cfg.get("moe_intermediate_size") or cfg["intermediate_size"])
+    a, b = split_units(inter, comm.size, comm.rank)
+    return MoE(hidden, b - a, moe, arch.mlp_act, shared, comm)
+
+
+def _mlp_intermediate(cfg: dict) -> int:
+    """Granite's dense layers are its `shared_mlp` (shared_intermediate_size)."""
+    if cfg.get("model_type") == "granitemoehybrid":
+        return int(cfg["shared_intermediate_size"])
+    return int(cfg["intermediate_size"])

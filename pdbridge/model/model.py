@@ -1,0 +1,41 @@
+"""HybridModel: embeddings, decoder layers (Block), final norm, lm_head.
+
+`model(batch, caches)` -> fp32 logits (num_seqs, vocab) at each sequence's last new token.
+Written for one device; TP enters only through the shard sizes its modules are built with and
+the `comm.all_reduce_` after each row-parallel projection (see tp.py).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pdbridge.spec import ModelSpec
+
+from .arch import ArchConfig
+from .batch import ForwardBatch
+from .block import Block
+from .norm import RMSNorm
+
+
+class HybridModel(nn.Module):
+    def __init__(self, spec: ModelSpec, arch: ArchConfig, comm, names: set[str]):
+        super().__init__()
+        self.spec, self.arch, self.comm = spec, arch, comm
+        d = spec.hidden_size
+        self.embed = nn.Embedding(spec.vocab_size, d)
+        self.layers = nn.ModuleList(Block(l, d, arch, dict(spec.config), comm, names)
+                                    for l in spec.layers)
+        self.final_norm = RMSNorm(d, arch.eps)
+        self.lm_head = nn.Linear(d, spec.vocab_size, bias=False)
+
+    @torch.no_grad()
+    def forward(self, batch: ForwardBatch, caches, all_logits: bool = False) -> torch.Tensor:
+        h = self.embed(batch.input_ids)
+        if self.arch.embedding_multiplier != 1.0:
+            h = h * self.arch.embedding_multiplier
+        for block in self.layers:
+            h = block(h, batch, caches)
+        if not all_logits:
+            h = h[batch.last_token_index()]
+        h = self.final_norm(h)
+        return self.lm_head(h).float() * self.arch.logits_multiplier

@@ -1,0 +1,12 @@
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """name -> (model dir, HF model) for every architecture and the `unusual` head counts."""
+    from hf_tiny import ARCHS, build_dir
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {name: build_dir(name, root) for name in (*ARCHS, "unusual")}

@@ -1,0 +1,139 @@
+"""Tiny random-initialised transformers models for each architecture (test oracle)."""
+from __future__ import annotations
+
+import torch
+
+NEMOTRON = dict(vocab_size=96, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=8, intermediate_size=40, ssm_state_size=8, mamba_num_heads=4,
+                mamba_head_dim=8, n_groups=2, conv_kernel=4, chunk_size=8, n_routed_experts=4,
+                num_experts_per_tok=2, moe_intermediate_size=12,
+                moe_shared_expert_intermediate_size=16, initializer_range=0.3)
+
+
+def hf_config(arch: str, **over):
+    import transformers as tf
+    if arch == "nemotron_h":
+        kw = dict(NEMOTRON, layers_block_type=["mamba", "attention", "moe", "mlp"])
+        kw.update(over)
+        return tf.NemotronHConfig(**kw)
+    if arch == "bamba":
+        kw = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, attn_layer_indices=[1],
+                  num_attention_heads=4, num_key_value_heads=2, intermediate_size=40,
+                  mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=2,
+                  mamba_d_conv=4, mamba_chunk_size=8, initializer_range=0.3)
+        kw.update(over)
+        return tf.BambaConfig(**kw)
+    if arch == "granitemoehybrid":
+        kw = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3,
+                  layer_types=["mamba", "attention", "mamba"], num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=12, shared_intermediate_size=16,
+                  num_local_experts=4, num_experts_per_tok=2, mamba_n_heads=4, mamba_d_head=16,
+                  mamba_d_state=8, mamba_n_groups=1, mamba_d_conv=4, mamba_chunk_size=8,
+                  position_embedding_type="rope", initializer_range=0.3,
+                  embedding_multiplier=1.5, residual_multiplier=0.8, logits_scaling=1.3,
+                  attention_multiplier=0.3)
+        kw.update(over)
+        return tf.GraniteMoeHybridConfig(**kw)
+    if arch == "falcon_h1":
+        kw = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, intermediate_size=40, mamba_n_heads=4,
+                  mamba_d_head=8, mamba_d_ssm=32, mamba_d_state=8, mamba_n_groups=1,
+                  mamba_d_conv=4, mamba_chunk_size=8, mamba_rms_norm=True,
+                  mamba_norm_before_gate=True, initializer_range=0.3,
+                  embedding_multiplier=1.2, lm_head_multiplier=0.9, attention_in_multiplier=1.1,
+                  attention_out_multiplier=0.9, ssm_out_multiplier=1.1, key_multiplier=0.8,
+                  ssm_in_multiplier=1.2, ssm_multipliers=[1.1, 0.9, 1.2, 0.8, 1.05],
+                  mlp_multipliers=[1.1, 0.9])
+        kw.update(over)
+        return tf.FalconH1Config(**kw)
+    raise ValueError(arch)
+
+
+def hf_model(config, seed: int = 0):
+    import transformers as tf
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(config).float().eval()
+    randomise_constants(model)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = None
+    return model
+
+
+@torch.no_grad()
+def randomise_constants(model) -> None:
+    """Parameters that initialise to constants (ones, zeros, log(1..H)) would hide mistakes."""
+    for name, p in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf == "dt_bias":
+            p.uniform_(-1.0, 1.0)       # softplus(dt) stays far above time_step_min: no clamp
+        elif leaf == "A_log":
+            p.uniform_(-1.0, 1.0)
+        elif leaf == "D":
+            p.normal_(0.0, 1.0)
+        elif "norm" in name and leaf == "weight":
+            p.copy_(1.0 + 0.2 * torch.randn_like(p))
+        elif "conv1d.bias" in name or leaf == "bias":
+            p.normal_(0.0, 0.2)
+    for name, b in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            b.normal_(0.0, 0.1)
+
+
+def save(model, path) -> str:
+    model.save_pretrained(path)
+    return str(path)
+
+
+@torch.no_grad()
+def hf_prompt(model, ids: list[int]):
+    """-> (logits (T, vocab), past_key_values) for one prompt."""
+    out = model(torch.tensor([ids]), use_cache=True)
+    return out.logits[0].float(), out.past_key_values
+
+
+@torch.no_grad()
+def hf_greedy(model, ids: list[int], n: int) -> list[int]:
+    out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
+                         min_new_tokens=n)
+    return out[0, len(ids):].tolist()
+
+
+UNUSUAL = dict(NEMOTRON, hidden_size=48, num_attention_heads=6, num_key_value_heads=2,
+               mamba_num_heads=6, n_groups=3, layers_block_type=["mamba", "attention", "mlp", "mamba"])
+ARCHS = ("nemotron_h", "bamba", "granitemoehybrid", "falcon_h1")
+PROMPT = [3, 17, 42, 5, 9, 60, 11, 2, 33, 7, 51]
+
+
+def build_dir(name: str, root) -> tuple[str, object]:
+    """Save a tiny HF model under root/name; `unusual`: 6 q / 2 kv heads, 6 mamba heads, G = 3."""
+    import transformers as tf
+    cfg = tf.NemotronHConfig(**UNUSUAL) if name == "unusual" else hf_config(name)
+    model = hf_model(cfg)
+    return save(model, f"{root}/{name}"), model
+
+
+def prefill_states(model, prompt: list[int], slot: int = 1, chunks: list[int] | None = None):
+    """Our prompt logits (T, vocab) and, per Mamba2 layer, (conv, ssm) of the slot afterwards."""
+    from pdbridge.model import DenseCaches, ForwardBatch
+    caches = DenseCaches(model.spec, model.comm.rank, model.comm.size, num_blocks=6,
+                         block_tokens=8, kernel_block_tokens=4)
+    logits, ctx = [], 0
+    for n in chunks or [len(prompt)]:
+        batch = ForwardBatch.build([prompt[ctx:ctx + n]], [ctx], [[3, 0, 5]], [slot])
+        logits.append(model(batch, caches, all_logits=True))
+        ctx += n
+    states = {L: (caches.conv(L)[slot].clone(), caches.ssm(L)[slot].clone())
+              for L in caches._conv}
+    return torch.cat(logits), states
+
+
+def tp_job(comm, dirs: dict[str, str], prompt: list[int], n: int) -> dict:
+    """On every rank: greedy tokens and the post-prompt states of each model."""
+    from pdbridge.model import DenseCaches, greedy, load_model
+    out = {}
+    for name, d in dirs.items():
+        model = load_model(d, comm)
+        _, states = prefill_states(model, prompt)
+        caches = DenseCaches(model.spec, comm.rank, comm.size, num_blocks=8, block_tokens=4)
+        out[name] = (greedy(model, caches, prompt, n), states)
+    return out

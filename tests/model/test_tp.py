@@ -1,0 +1,57 @@
+"""The same model at TP = 2, 3, 4 against TP = 1: greedy tokens, and every rank's states equal
+the TP=1 states cut by the ShardRules (conv channels [x_local | B_local | C_local], SSM heads)."""
+import pytest
+import torch
+
+from hf_tiny import ARCHS, PROMPT, tp_job
+from pdbridge.model import SingleComm
+from pdbridge.model.shard import mamba2_shard
+from pdbridge.model.tp import mamba_rows
+from pdbridge.spec import MixerKind, load_model_spec
+from tp_runner import run_tp
+
+N_NEW = 12
+
+
+@pytest.fixture(scope="module")
+def reference(tiny):
+    dirs = {name: d for name, (d, _) in tiny.items()}
+    return dirs, tp_job(SingleComm(), dirs, PROMPT, N_NEW)
+
+
+def _check(dirs, reference, results, size):
+    for name in results[0]:
+        ref_tokens, ref_states = reference[name]
+        spec = load_model_spec(dirs[name])
+        for rank, res in enumerate(results):
+            tokens, states = res[name]
+            assert tokens == ref_tokens, f"{name} TP={size} rank {rank}"
+            for layer, (conv, ssm) in states.items():
+                m = spec.layers[layer].mixer(MixerKind.MAMBA2)
+                rows = mamba_rows(mamba2_shard(m, size, rank))
+                ref_conv, ref_ssm = ref_states[layer]
+                torch.testing.assert_close(conv, ref_conv[rows["conv"]], atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(ssm, ref_ssm[rows["heads"]], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("size", [2, 4])
+def test_tp_matches_tp1_all_architectures(reference, size):
+    """TP=4 puts 2 KV heads on 4 ranks (replicated) and splits n_groups = 1 and 2 (norm sums
+    all-reduced); `unusual` splits 6 heads / 3 groups unevenly at 4."""
+    dirs, ref = reference
+    _check(dirs, ref, run_tp(tp_job, size, dirs, PROMPT, N_NEW), size)
+
+
+def test_tp3_six_query_heads_two_kv_heads(reference):
+    """Q=6, K=2 at TP=3: rank 1 holds query heads 2, 3, so both KV heads."""
+    dirs, ref = reference
+    sub = {k: dirs[k] for k in ("unusual", "bamba")}
+    _check(dirs, ref, run_tp(tp_job, 3, sub, PROMPT, N_NEW), 3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("size", [3, 6])
+def test_tp_matrix_slow(reference, size):
+    dirs, ref = reference
+    ok = {"unusual": dirs["unusual"]} if size == 6 else dirs     # 6 ranks need 6 heads
+    _check(dirs, ref, run_tp(tp_job, size, ok, PROMPT, N_NEW), size)
