@@ -55,16 +55,17 @@ class DecodeNode:
                  transport: str = "nixl", engine_id: str | None = None,
                  strategy: Strategy | str = Strategy.AUTO,
                  on_failure: OnFailure | str = OnFailure.RECOMPUTE,
-                 staging_nbytes: int | None = None, timeout_s: float = 60.0):
+                 staging_nbytes: int | None = None, timeout_s: float = 60.0,
+                 pull_timeout_s: float = 30.0):
         self.engine_id = engine_id or f"decode{next(_ENGINE_IDS)}"
         self.strategy = parse_strategy(strategy)
         self.on_failure = OnFailure(on_failure)
-        self.timeout_s = timeout_s
+        self.pull_timeout_s = pull_timeout_s       # handshake and reads of one pull
         self.engine = Engine(model_dir, tp_size, cache_config, timeout_s=timeout_s)
         self.layout: EngineLayout = self.engine.layout
         self.layout_dict = self.layout.to_dict()
         nbytes = staging_nbytes if staging_nbytes is not None else default_staging_nbytes(self.layout)
-        self.engine.call(PDSetup("decode", self.engine_id, transport, nbytes, timeout_s))
+        self.engine.call(PDSetup("decode", self.engine_id, transport, nbytes, pull_timeout_s))
 
     @property
     def tp_size(self) -> int:
@@ -85,7 +86,7 @@ class DecodeNode:
         results = tuple(sorted(self.engine.call(Pull(
             params.request_id, params.engine_id, params.layout, params.endpoints,
             params.prefill_blocks, (b.num_tokens, b.attn_blocks, b.state_block),
-            self.strategy.value, scratch_bases or {}, self.timeout_s)), key=lambda r: r.rank))
+            self.strategy.value, scratch_bases or {}, self.pull_timeout_s)), key=lambda r: r.rank))
         if all(r.ok for r in results):
             self.engine.state_arrived(handle.request_id)
             return PullOutcome(handle.request_id, True, False, results)

@@ -1,0 +1,70 @@
+"""Disaggregation fidelity: prefill at TP=p + transfer + decode at TP=d produces the monolithic
+engine's tokens exactly (fp32), across TP pairs, conv layouts, strategies and architectures."""
+import itertools
+
+import pytest
+import torch
+
+from pd_harness import PROMPTS, STRATEGIES, granite_moe_dir, monolithic, run_pd
+from pdbridge.model import default_model
+
+torch.set_num_threads(1)
+MAX_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def default_dir():
+    return str(default_model.model_dir())
+
+
+@pytest.fixture(scope="module")
+def granite_dir(tmp_path_factory):
+    return granite_moe_dir(tmp_path_factory.mktemp("granite"))
+
+
+def check(model_dir, prefill_tp, decode_tps, strategies, prefill_conv="DS", decode_conv="DS",
+          prompts=PROMPTS):
+    want = monolithic(model_dir, prompts, MAX_TOKENS)
+    got, held = run_pd(model_dir, prefill_tp, decode_tps, strategies, prompts, MAX_TOKENS,
+                       prefill_conv, decode_conv)
+    assert held == 0, "the prefill engine still holds blocks of finished transfers"
+    assert set(got) == {(d, s) for d in decode_tps for s in strategies}
+    for (d, s), outs in got.items():
+        for index, tokens in outs:
+            assert len(tokens) == MAX_TOKENS
+            assert tokens == want[index], f"P={prefill_tp} D={d} {s}: prompt {index} differs"
+
+
+def test_one_prefill_feeds_decode_tp_1_and_4(default_dir):
+    """P=2 feeding D=1 and D=4 at the same time, every strategy (embedded model: n_groups 2)."""
+    check(default_dir, 2, [1, 4], STRATEGIES)
+
+
+def test_uneven_tp_pairs_and_mixed_conv_layouts(default_dir):
+    """3 -> 2 with SD prefill / DS decode, and 2 -> 3 the other way round."""
+    check(default_dir, 3, [2], ["direct", "permute"], prefill_conv="SD", decode_conv="DS")
+    check(default_dir, 2, [3], ["staging", "auto"], prefill_conv="DS", decode_conv="SD")
+
+
+def test_n_groups_1_with_moe(granite_dir):
+    """GraniteMoeHybrid: B/C replicated on every rank (n_groups = 1), MoE feed-forward."""
+    check(granite_dir, 1, [2], STRATEGIES, decode_conv="SD")
+    check(granite_dir, 4, [2], ["direct", "permute"])
+
+
+PAIRS = sorted(set(itertools.product([1, 2, 4], [1, 2, 4])) | {(3, 2), (2, 3)})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("conv", ["SD", "DS"])
+@pytest.mark.parametrize("prefill_tp", [1, 2, 3, 4])
+def test_full_sweep_default_model(default_dir, prefill_tp, conv):
+    decode_tps = [d for p, d in PAIRS if p == prefill_tp]
+    check(default_dir, prefill_tp, decode_tps, STRATEGIES, conv, conv)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("conv", ["SD", "DS"])
+@pytest.mark.parametrize("prefill_tp", [1, 2, 4])
+def test_full_sweep_granite(granite_dir, prefill_tp, conv):
+    check(granite_dir, prefill_tp, [1, 2, 4], STRATEGIES, conv, conv)

@@ -1,0 +1,120 @@
+"""The request lifecycle around a transfer: the state a decode rank receives is the state it
+computes itself; failures recompute (or fail loudly); leases free blocks exactly once."""
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from pd_harness import PROMPTS, cache, monolithic
+from pdbridge.engine.cache_snapshot import Snapshot
+from pdbridge.engine.request import SamplingParams
+from pdbridge.model import default_model
+from pdbridge.serve.decode_node import DecodeNode, PullFailed
+from pdbridge.serve.prefill_node import PrefillNode
+from pdbridge.serve.router import PDRouter
+from pdbridge.transport.bookkeeping import ReleaseReason
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def model_dir():
+    return str(default_model.model_dir())
+
+
+def snapshots(engine, blocks) -> dict[int, dict[str, np.ndarray]]:
+    snaps = engine.call(Snapshot(blocks.num_tokens, list(blocks.attn_blocks), blocks.state_block))
+    return {s.rank: s.arrays() for s in snaps}
+
+
+@pytest.mark.parametrize("prefill_tp,decode_tp,strategy", [(2, 4, "permute"), (3, 2, "staging")])
+def test_received_state_equals_own_prefill(model_dir, prefill_tp, decode_tp, strategy):
+    """Every decode rank's pulled KV, conv and SSM state equals what that rank computes by
+    prefilling the same N-1 tokens itself (within 1e-5)."""
+    prompt = PROMPTS[1]
+    pre = PrefillNode(model_dir, prefill_tp, cache("SD"), transport="nixl")
+    dec = DecodeNode(model_dir, decode_tp, cache("DS"), transport="nixl", strategy=strategy)
+    try:
+        params = pre.prefill(prompt)
+        handle = dec.allocate(prompt, SamplingParams(max_tokens=4))
+        pre.expect_readers(params, dec.engine_id, dec.tp_size)
+        b = handle.blocks
+        bases = pre.prepare_permute(params, dec.engine_id, dec.layout_dict,
+                                    (b.num_tokens, b.attn_blocks, b.state_block), strategy)
+        outcome = dec.pull(handle, params, bases)
+        assert outcome.ok, outcome.errors
+        received = snapshots(dec.engine, b)             # before any decode step runs
+        own = dec.engine.prefill_for_transfer(prompt)    # the decode engine prefills N-1 itself
+        computed = snapshots(dec.engine, own.blocks)
+        assert set(received) == set(range(decode_tp))
+        for rank in range(decode_tp):
+            assert received[rank].keys() == computed[rank].keys()
+            for name, want in computed[rank].items():
+                np.testing.assert_allclose(received[rank][name], want, atol=1e-5, rtol=0,
+                                           err_msg=f"decode rank {rank} {name}")
+        assert any(np.abs(a).max() > 0 for a in received[0].values())
+        pre.poll()
+        assert pre.num_held == 0
+    finally:
+        pre.close()
+        dec.close()
+
+
+def test_failed_pull_recomputes_or_fails(model_dir):
+    """A pull that cannot be done (the prefill engine is gone) is never silent: by default the
+    decode engine recomputes the prompt and still produces the monolithic tokens; set to
+    'fail', it raises."""
+    prompt = PROMPTS[0]
+    want = monolithic(model_dir, [prompt], 6)[0]
+    pre = PrefillNode(model_dir, 1, cache(), transport="nixl")
+    params = pre.prefill(prompt)
+    pre.close()                                         # prefill engine dies before the pull
+    for on_failure in ("recompute", "fail"):
+        dec = DecodeNode(model_dir, 2, cache(), transport="nixl", strategy="direct",
+                         on_failure=on_failure, pull_timeout_s=3.0)
+        try:
+            handle = dec.allocate(prompt, SamplingParams(max_tokens=6))
+            if on_failure == "fail":
+                with pytest.raises(PullFailed, match="decode rank"):
+                    dec.pull(handle, params)
+                continue
+            outcome = dec.pull(handle, params)
+            assert not outcome.ok and outcome.recomputed
+            assert all(e.startswith("decode rank") for e in outcome.errors) and outcome.errors
+            while dec.engine.has_unfinished():
+                dec.engine.step()
+            assert dec.engine.request(outcome.request_id).output_ids == want
+        finally:
+            dec.close()
+
+
+def test_unread_request_is_released_at_lease_expiry(model_dir):
+    pre = PrefillNode(model_dir, 1, cache(), transport="local", lease_s=0.2)
+    try:
+        free_before = pre.engine.scheduler.pool.num_free
+        pre.prefill(PROMPTS[0])
+        assert pre.num_held == 1
+        assert pre.poll() == []                          # lease still running
+        time.sleep(0.3)
+        released = pre.poll()
+        assert [r.reason for r in released] == [ReleaseReason.EXPIRED]
+        assert pre.num_held == 0 and pre.poll() == released     # exactly once
+        assert pre.engine.scheduler.pool.num_free == free_before
+    finally:
+        pre.close()
+
+
+def test_local_transport_round_trip(model_dir):
+    """Both engines in one process (TP=1): LocalTransport, the embedded default."""
+    want = monolithic(model_dir, PROMPTS[:2], 8)
+    pre = PrefillNode(model_dir, 1, cache(), transport="local")
+    dec = DecodeNode(model_dir, 1, cache("SD"), transport="local", strategy="auto")
+    try:
+        records = PDRouter(pre, [dec]).run(PROMPTS[:2], SamplingParams(max_tokens=8))
+        assert [r.token_ids for r in records] == want
+        assert all(r.nbytes > 0 and r.descriptors > 0 for r in records)
+        assert pre.num_held == 0
+    finally:
+        pre.close()
+        dec.close()
