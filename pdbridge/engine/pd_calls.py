@@ -64,6 +64,7 @@ class PollNotifications(WorkerCall):
 class Notifications(msgspec.Struct):
     rank: int
     messages: list[bytes]
+    received: list[float]       # time.monotonic() at arrival, per message (one host's clock)
 
 
 class Pull(WorkerCall):
@@ -80,6 +81,7 @@ class Pull(WorkerCall):
     strategy: str
     scratch_bases: dict[int, dict[int, int]] = {}   # prefill rank -> decode rank -> base
     timeout_s: float = 30.0
+    renew_every_s: float = 0.0              # > 0: renew the prefill lease this often while reading
 
 
 class PullResult(msgspec.Struct):

@@ -17,8 +17,9 @@ import numpy as np
 from pdbridge.plan import RequestBlocks, SCRATCH, Strategy, TransferPlan, plan_transfer
 from pdbridge.spec import EngineLayout
 from pdbridge.transport.copies import execute_plan, run_copies
-from pdbridge.transport.handshake import MetadataServer, PeerDirectory, RankMetadata, peer_name
-from pdbridge.transport.messages import ReadDone, RegionAddr, encode
+from pdbridge.transport.handshake import (MetadataServer, PeerDirectory, RankMetadata, peer_name,
+                                         request)
+from pdbridge.transport.messages import LeaseRenew, ReadDone, RegionAddr, encode
 from pdbridge.transport.transport import buffer_info
 
 from .pd_calls import (ForgetRequest, Notifications, PDRankInfo, PDSetup, PollNotifications,
@@ -64,7 +65,7 @@ class PDRank:
 
     def _start_prefill(self) -> None:
         self.scratch_alloc = ScratchAllocator(0 if self.scratch is None else len(self.scratch))
-        self._inbox: list[bytes] = []
+        self._inbox: list[tuple[float, bytes]] = []
         self._lock = threading.Lock()
         regions = tuple(RegionAddr(buffer_info(b).addr, buffer_info(b).nbytes)
                         for b in self.caches.region_buffers)
@@ -79,7 +80,7 @@ class PDRank:
 
     def _keep(self, message: bytes) -> None:
         with self._lock:
-            self._inbox.append(message)
+            self._inbox.append((time.monotonic(), message))
 
     def _poll_loop(self) -> None:
         """Drive the passive side's progress and keep its notifications for PollNotifications."""
@@ -94,7 +95,7 @@ class PDRank:
     def poll_notifications(self, call: PollNotifications) -> Notifications:
         with self._lock:
             out, self._inbox = self._inbox, []
-        return Notifications(self.rank, out)
+        return Notifications(self.rank, [m for _, m in out], [t for t, _ in out])
 
     def prepare_permute(self, call: PreparePermute) -> ScratchBases:
         """Gather, for every decode rank whose plan permutes, its bytes from this rank."""
@@ -129,8 +130,9 @@ class PDRank:
             self.directory.get_ranks(call.prefill_engine_id, sources, lambda r: call.endpoints[r])
             plan = _with_scratch_bases(plan, call.scratch_bases)
             peers = {r: peer_name(call.prefill_engine_id, r) for r in sources}
-            execute_plan(self.transport, plan, peers, self.caches.region_buffers, self.scratch,
-                         call.timeout_s)
+            with LeaseRenewer(call, self.engine_id, self.rank, sources):
+                execute_plan(self.transport, plan, peers, self.caches.region_buffers,
+                             self.scratch, call.timeout_s)
             result = PullResult(self.rank, True, "", plan.strategy.value, sources,
                                 plan.total_nbytes, plan.num_descriptors)
         except Exception as e:
@@ -164,6 +166,38 @@ class PDRank:
             self._poller.join(1.0)
             self.server.close()
         self.transport.close()
+
+
+class LeaseRenewer:
+    """While a pull runs, renew the prefill engine's lease on the request every
+    `call.renew_every_s` through each source rank's metadata server (a LeaseRenew message)."""
+
+    def __init__(self, call: Pull, engine_id: str, rank: int, sources: list[int]):
+        self._every = call.renew_every_s
+        self._msg = LeaseRenew(call.request_id, engine_id, rank)
+        self._endpoints = [call.endpoints[r] for r in sources]
+        self._stop = threading.Event()
+        self.sent = 0
+
+    def __enter__(self) -> "LeaseRenewer":
+        if self._every > 0:
+            self._thread = threading.Thread(target=self._loop, daemon=True, name="pd-lease-renew")
+            self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._every):
+            for endpoint in self._endpoints:
+                try:
+                    request(endpoint, self._msg, timeout_s=self._every)
+                    self.sent += 1
+                except Exception:
+                    pass        # a prefill rank that does not answer: its reads will fail too
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._every > 0:
+            self._thread.join(2 * self._every + 1.0)
 
 
 def _shift(copies, dst: int):

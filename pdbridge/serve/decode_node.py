@@ -76,7 +76,8 @@ class DecodeNode:
         return self.engine.add_request(prompt_ids, sampling, imported=True)
 
     def pull(self, handle: RequestHandle, params: TransferParams,
-             scratch_bases: dict[int, dict[int, int]] | None = None) -> PullOutcome:
+             scratch_bases: dict[int, dict[int, int]] | None = None,
+             renew_every_s: float = 0.0) -> PullOutcome:
         """Every decode rank pulls its shard; then the request decodes from the pulled state,
         or (on any failure) recomputes its prompt here, or fails, as configured."""
         b = handle.blocks
@@ -86,7 +87,8 @@ class DecodeNode:
         results = tuple(sorted(self.engine.call(Pull(
             params.request_id, params.engine_id, params.layout, params.endpoints,
             params.prefill_blocks, (b.num_tokens, b.attn_blocks, b.state_block),
-            self.strategy.value, scratch_bases or {}, self.pull_timeout_s)), key=lambda r: r.rank))
+            self.strategy.value, scratch_bases or {}, self.pull_timeout_s, renew_every_s)),
+            key=lambda r: r.rank))
         if all(r.ok for r in results):
             self.engine.state_arrived(handle.request_id)
             return PullOutcome(handle.request_id, True, False, results)

@@ -64,16 +64,16 @@ class PrefillNode:
 
     def poll(self) -> list[Release[RequestHandle]]:
         """Apply the decode ranks' notifications and lease expiries; free released blocks."""
-        now = time.monotonic()
-        for batch in self.engine.call(PollNotifications()):
-            for blob in batch.messages:
-                try:
-                    msg = decode(blob)
-                except ProtocolError:
-                    continue                    # a malformed notification frees nothing
-                if isinstance(msg, (ReadDone, LeaseRenew)):
-                    self._account(self.leases.apply(msg, now))
-        for rel in self.leases.expire(now):
+        arrived = sorted((t, blob) for batch in self.engine.call(PollNotifications())
+                         for t, blob in zip(batch.received, batch.messages))
+        for t, blob in arrived:             # in arrival order, each at its arrival time
+            try:
+                msg = decode(blob)
+            except ProtocolError:
+                continue                        # a malformed notification frees nothing
+            if isinstance(msg, (ReadDone, LeaseRenew)):
+                self._account(self.leases.apply(msg, t))
+        for rel in self.leases.expire(time.monotonic()):
             self._account(rel)
         return self.released
 

@@ -81,7 +81,7 @@ class PDRouter:
             bases = self.prefill.prepare_permute(params, node.engine_id, node.layout_dict,
                                                  (b.num_tokens, b.attn_blocks, b.state_block),
                                                  node.strategy.value)
-        outcome = node.pull(handle, params, bases)
+        outcome = node.pull(handle, params, bases, renew_every_s=self.prefill.leases.lease_s / 3)
         t2 = time.perf_counter()
         self.prefill.poll()
         rec.request_id = outcome.request_id

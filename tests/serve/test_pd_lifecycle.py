@@ -118,3 +118,23 @@ def test_local_transport_round_trip(model_dir):
     finally:
         pre.close()
         dec.close()
+
+
+def test_lease_renewal_keeps_blocks_while_reading(model_dir):
+    """A decode rank's LeaseRenew (sent by the pull's renewer over the handshake socket)
+    extends the lease; without renewals the same lease expires."""
+    from pdbridge.engine.pd_calls import Pull
+    from pdbridge.engine.pd_rank import LeaseRenewer
+    pre = PrefillNode(model_dir, 1, cache(), transport="local", lease_s=0.4)
+    try:
+        params = pre.prefill(PROMPTS[0])
+        call = Pull(params.request_id, params.engine_id, params.layout, params.endpoints,
+                    params.prefill_blocks, params.prefill_blocks, "direct", renew_every_s=0.1)
+        with LeaseRenewer(call, "decode-x", 0, [0]) as renewer:
+            time.sleep(0.8)                     # twice the lease: only renewals keep it
+            assert pre.poll() == [] and pre.num_held == 1
+        assert renewer.sent >= 3
+        time.sleep(0.5)
+        assert [r.reason for r in pre.poll()] == [ReleaseReason.EXPIRED]
+    finally:
+        pre.close()

@@ -1,0 +1,354 @@
+"""Engine: requests in, tokens out. Rank 0 lives here and drives ranks 1..t-1 (nano-vllm style).
+
+Besides monolithic generation it has the two hooks of P/D disaggregation (DESIGN.md section 5):
+* prefill-only: compute a prompt's first N-1 tokens, keep the blocks (`prefill_for_transfer`),
+  free them when the decode side is done (`release`);
+* imported: allocate a request's blocks first so a transport can fill them
+  (`add_request(..., imported=True)`), then after `state_arrived` compute the last prompt token
+  as an ordinary decode step (query_len 1, context_len N-1, batched with other decodes).
+"""
+from __future__ import annotations
+
+import itertools
+import multiprocessing as mp
+import os
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from pdbridge.plan.transfer_plan import RequestBlocks
+from pdbridge.spec import CacheConfig, EngineLayout
+
+from .block_pool import BlockPool
+from .messages import Describe, RankInfo, Shutdown, Step, WorkerCall, encode
+from .model_loader import default_model_dir, eos_token_ids, load_model_shard
+from .rank_group import RankGroup
+from .request import FinishReason, Request, RequestStatus, SamplingParams
+from .sampling import make_generator, sample, stop_reason
+from .scheduler import EngineFull, ScheduledChunk, Scheduler, SchedulerConfig
+from .worker import ModelLoader, Worker, WorkerArgs, worker_main
+
+
+class EngineError(RuntimeError):
+    """A worker died or a collective failed; the engine cannot continue."""
+
+
+@dataclass(frozen=True)
+class RequestHandle:
+    """A request whose blocks another engine reads from (prefill-only) or writes into
+    (imported): its id here and the blocks, as the transfer planner takes them."""
+    request_id: int
+    blocks: RequestBlocks
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    request_id: int
+    new_token_ids: tuple[int, ...]
+    finished: bool
+    finish_reason: FinishReason | None
+
+
+@dataclass(frozen=True)
+class GenerateOutput:
+    token_ids: list[int]
+    finish_reason: FinishReason | None
+    prompt_ids: tuple[int, ...] = field(default=())
+
+
+class Engine:
+    def __init__(self, model_dir: str | None = None, tp_size: int = 1,
+                 cache_config: CacheConfig | None = None, *, device: str = "cpu",
+                 dtype: str | None = None, scheduler: SchedulerConfig = SchedulerConfig(),
+                 loader: ModelLoader = load_model_shard, timeout_s: float = 120.0,
+                 worker_threads: int = 1):
+        if not isinstance(tp_size, int) or tp_size < 1:
+            raise ValueError(f"tp_size must be a positive integer, got {tp_size!r}")
+        self.tp_size = tp_size
+        if model_dir is None and loader is load_model_shard:
+            model_dir = default_model_dir()     # resolved once, before any worker starts
+        self.args = WorkerArgs(model_dir, tp_size, cache_config or CacheConfig(), device, dtype,
+                               loader, timeout_s, worker_threads)
+        self._procs: list[mp.process.BaseProcess] = []
+        self._group: RankGroup | None = None
+        self._closed = False
+        try:
+            self.worker = self._start_ranks()
+            self._check_ranks()
+        except BaseException:
+            self.close()
+            raise
+        self.layout: EngineLayout = self.worker.layout
+        self.spec = self.worker.spec
+        self.eos_token_ids = eos_token_ids(self.spec)
+        has_attn = any(t.paged for t in self.layout.tensors)
+        has_state = any(not t.paged for t in self.layout.tensors)
+        self.scheduler = Scheduler(BlockPool(self.layout.num_blocks), self.layout.block_tokens,
+                                   has_attn, has_state, scheduler)
+        self._requests: dict[int, Request] = {}
+        self._generators: dict[int, torch.Generator | None] = {}
+        self._ids = itertools.count()
+
+    @property
+    def caches(self):
+        """Rank 0's PagedCaches."""
+        return self.worker.caches
+
+    # ---- ranks -----------------------------------------------------------------------
+
+    def _start_ranks(self) -> Worker:
+        if self.tp_size == 1:
+            from pdbridge.model.comm import SingleComm
+            return Worker(0, self.args, SingleComm())
+        store = RankGroup.master_store(self.args.timeout_s, self.tp_size)
+        ctx = mp.get_context("spawn")
+        for r in range(1, self.tp_size):
+            p = ctx.Process(target=worker_main, args=(r, self.args, store.port, os.getpid()),
+                            name=f"pdbridge-tp{r}", daemon=True)
+            p.start()
+            self._procs.append(p)
+        self._group = self._join_group(store)
+        return Worker(0, self.args, self._group.comm)
+
+    def _join_group(self, store) -> RankGroup:
+        """Rank 0's rendezvous, watching the workers so one that dies at start-up is reported
+        at once instead of after the rendezvous timeout."""
+        box: dict = {}
+
+        def join():
+            try:
+                box["group"] = RankGroup("127.0.0.1", store.port, 0, self.tp_size,
+                                         torch.device(self.args.device), self.args.timeout_s, store)
+            except BaseException as e:      # reported below
+                box["error"] = e
+        t = threading.Thread(target=join, daemon=True, name="pdbridge-rendezvous")
+        t.start()
+        waited = 0.0
+        while t.is_alive():
+            t.join(0.2)
+            waited += 0.2
+            self._raise_if_dead()
+            if waited > self.args.timeout_s:
+                raise EngineError(f"TP workers did not join within {self.args.timeout_s} s")
+        if "error" in box:
+            raise EngineError(f"TP rendezvous failed: {box['error']}") from box["error"]
+        return box["group"]
+
+    def _check_ranks(self) -> None:
+        infos = self.call(Describe())
+        digests = {i.layout_digest for i in infos}
+        if len(digests) != 1:
+            raise EngineError(f"ranks disagree on the cache layout: {digests}")
+
+    def _raise_if_dead(self) -> None:
+        for r, p in enumerate(self._procs, start=1):
+            if p.exitcode is not None:
+                raise EngineError(f"TP worker rank {r} (pid {p.pid}) exited with code "
+                                  f"{p.exitcode}; see its traceback above")
+
+    def call(self, msg: WorkerCall):
+        """Run one call on every rank. Returns rank 0's result, or every rank's for `collect`
+        calls (decoded as rank 0's result type)."""
+        if self._closed:
+            raise EngineError("the engine is closed")
+        if self._group is None:
+            result = self.worker.handle(msg)
+            return [result] if msg.collect else result
+        self._raise_if_dead()
+        try:
+            self._group.broadcast_bytes(encode(msg))
+            result = self.worker.handle(msg)
+            if not msg.collect:
+                return result
+            import msgspec
+            blobs = self._group.gather_bytes(encode(result))
+            return [msgspec.msgpack.decode(b, type=type(result)) for b in blobs]
+        except RuntimeError as e:
+            self._wait_for_exit(2.0)
+            self._raise_if_dead()
+            raise EngineError(f"collective failed: {e}") from e
+
+    def _wait_for_exit(self, seconds: float) -> None:
+        for p in self._procs:
+            p.join(seconds / max(1, len(self._procs)))
+
+    def close(self) -> None:
+        """Stop the workers (Shutdown, then terminate any that do not exit)."""
+        if self._closed:
+            return
+        if self._group is not None and all(p.exitcode is None for p in self._procs):
+            try:
+                self.call(Shutdown())
+            except Exception:
+                pass
+        self._closed = True
+        worker = getattr(self, "worker", None)
+        if worker is not None and worker.pd is not None:      # rank 0's own P/D agent
+            worker.pd.close()
+            worker.pd = None
+        for p in self._procs:
+            p.join(5.0)
+            if p.exitcode is None:
+                p.terminate()
+                p.join(5.0)
+        self._procs, self._group = [], None
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        if not getattr(self, "_closed", True):
+            self.close()
+
+    # ---- requests --------------------------------------------------------------------
+
+    def add_request(self, prompt_ids, sampling: SamplingParams | None = None, *,
+                    imported: bool = False) -> int | RequestHandle:
+        """Queue a prompt; returns its request id. With `imported=True` the blocks for the
+        first N-1 tokens are allocated now and returned (a RequestHandle) for a transport to
+        fill; call `state_arrived(request_id)` once they hold the prefill engine's state."""
+        req = self._new_request(prompt_ids, sampling or SamplingParams(), imported=imported)
+        if imported:
+            self.scheduler.add_imported(req)
+        else:
+            self.scheduler.add(req)
+        self._register(req)
+        return self._handle(req, req.num_prompt_tokens - 1) if imported else req.request_id
+
+    def state_arrived(self, request_id: int) -> None:
+        """The imported request's first N-1 tokens are in its blocks: decode from here."""
+        self.scheduler.state_arrived(self._requests[request_id])
+
+    def add_prefill(self, prompt_ids) -> int:
+        """Queue a prefill-only request: tokens 0..N-2 are computed, the blocks are kept."""
+        req = self._new_request(prompt_ids, SamplingParams(max_tokens=1))
+        req.compute_target = req.num_prompt_tokens - 1
+        self.scheduler.add(req)
+        self._register(req)
+        return req.request_id
+
+    def prefill_for_transfer(self, prompt_ids) -> RequestHandle:
+        """Compute the first N-1 prompt tokens (running other requests' steps meanwhile) and
+        hand back the blocks holding them; `release` frees them."""
+        rid = self.add_prefill(prompt_ids)
+        req = self._requests[rid]
+        while req.status is not RequestStatus.PREFILLED:
+            self.step()
+        return self._handle(req, req.compute_target)
+
+    def release(self, handle: RequestHandle | int) -> None:
+        """Free a prefilled request's blocks (the decode side has read them)."""
+        rid = handle.request_id if isinstance(handle, RequestHandle) else handle
+        self.scheduler.release(self._requests.pop(rid))
+        self._generators.pop(rid, None)
+
+    def abort(self, request_id: int) -> None:
+        """Drop a request wherever it is and free its blocks (e.g. a failed transfer)."""
+        req = self._requests.pop(request_id)
+        self._generators.pop(request_id, None)
+        if req.status is RequestStatus.PREFILLED:
+            self.scheduler.release(req)
+        elif req.status is not RequestStatus.FINISHED:
+            self.scheduler.finish(req)
+
+    def request(self, request_id: int) -> Request:
+        return self._requests[request_id]
+
+    def _new_request(self, prompt_ids, sampling: SamplingParams, imported: bool = False) -> Request:
+        ids = tuple(int(t) for t in prompt_ids)
+        vocab = self.spec.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        return Request(next(self._ids), ids, sampling, imported=imported)
+
+    def _register(self, req: Request) -> None:
+        self._requests[req.request_id] = req
+        self._generators[req.request_id] = make_generator(req.sampling)
+
+    def _handle(self, req: Request, num_tokens: int) -> RequestHandle:
+        # A model without state regions has no state block; 0 then names nothing.
+        state = req.state_block if req.state_block is not None else 0
+        return RequestHandle(req.request_id, RequestBlocks(num_tokens, tuple(req.attn_blocks), state))
+
+    # ---- stepping --------------------------------------------------------------------
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work
+
+    def step(self) -> list[StepOutput]:
+        """One batch: every running decode plus prefill chunks; returns sampled tokens."""
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            self._raise_if_stuck()
+            return []
+        logits = self.call(_step_call(chunks))
+        outputs = []
+        for i, c in enumerate(chunks):
+            out = self._advance(c, logits[i])
+            if out is not None:
+                outputs.append(out)
+        return outputs
+
+    def _raise_if_stuck(self) -> None:
+        """Queued requests, nothing running or arriving: only a release can free blocks."""
+        if self.scheduler.waiting and not self.scheduler.running:
+            req = self.scheduler.waiting[0]
+            raise EngineFull(f"request {req.request_id} needs "
+                             f"{self.scheduler.worst_case_blocks(req)} blocks; "
+                             f"{self.scheduler.pool.num_free} are free, the rest are held by "
+                             f"prefilled requests awaiting release")
+
+    def take(self, request_id: int) -> Request:
+        """Remove a finished request from the engine and return it (its tokens, reason)."""
+        req = self._requests[request_id]
+        if req.status is not RequestStatus.FINISHED:
+            raise ValueError(f"request {request_id} is {req.status.value}, not finished")
+        self._generators.pop(request_id, None)
+        return self._requests.pop(request_id)
+
+    def _advance(self, chunk: ScheduledChunk, logits: torch.Tensor) -> StepOutput | None:
+        req = chunk.request
+        req.num_computed_tokens += chunk.query_len
+        if req.num_pending_tokens:
+            return None                                 # mid-prefill chunk
+        if req.compute_target is not None:
+            self.scheduler.keep(req)                    # prefill-only: blocks stay
+            return None
+        req.output_ids.append(sample(logits, req.sampling, self._generators[req.request_id]))
+        reason = stop_reason(req, self.eos_token_ids)
+        if reason is not None:
+            req.finish_reason = reason
+            self.scheduler.finish(req)
+        return StepOutput(req.request_id, (req.output_ids[-1],), reason is not None, reason)
+
+    def generate(self, prompts, sampling: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[GenerateOutput]:
+        """Run prompts (lists of token ids) to completion, batched; outputs in prompt order."""
+        params = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
+        ids = [self.add_request(p, s) for p, s in zip(prompts, params)]
+        reqs = [self._requests[i] for i in ids]
+        while not all(r.is_finished for r in reqs):
+            if not self.scheduler.has_work:
+                raise EngineError("requests are unfinished but nothing can be scheduled")
+            self.step()
+        for i in ids:
+            self._requests.pop(i)
+            self._generators.pop(i)
+        return [GenerateOutput(list(r.output_ids), r.finish_reason, r.prompt_ids) for r in reqs]
+
+
+def _step_call(chunks: list[ScheduledChunk]) -> Step:
+    ids, pos = [], []
+    for c in chunks:
+        ids += c.request.token_ids(c.context_len, c.context_len + c.query_len)
+        pos += range(c.context_len, c.context_len + c.query_len)
+    return Step(ids, pos, [c.query_len for c in chunks], [c.context_len for c in chunks],
+                [list(c.request.attn_blocks) for c in chunks],
+                [c.request.state_block if c.request.state_block is not None else 0 for c in chunks])

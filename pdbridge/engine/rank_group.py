@@ -1,0 +1,76 @@
+"""RankGroup: the TP group of one engine, built without torch.distributed's global state.
+
+Each engine makes its own process groups from its own TCPStore, so one process can drive
+several engines (a prefill and a decode engine in one test or demo). Two groups:
+* control (gloo, CPU): rank 0 broadcasts each call; idle ranks wait here, so its timeout is long
+  (a dead rank 0 closes the sockets, and workers also watch their parent);
+* compute (gloo on CPU, nccl on CUDA): the model's all-reduces, with the engine's timeout.
+"""
+from __future__ import annotations
+
+import datetime
+
+import torch
+import torch.distributed as dist
+
+CONTROL_TIMEOUT = datetime.timedelta(days=7)
+
+
+class GroupComm:
+    """What the model needs from its TP group (pdbridge.model contract): rank, size, a sum."""
+
+    def __init__(self, pg, rank: int, size: int):
+        self._pg, self.rank, self.size = pg, rank, size
+
+    def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
+        self._pg.allreduce([tensor]).wait()
+        return tensor
+
+
+class RankGroup:
+    def __init__(self, host: str, port: int, rank: int, size: int, device: torch.device,
+                 timeout_s: float, store: dist.TCPStore | None = None):
+        timeout = datetime.timedelta(seconds=timeout_s)
+        self.rank, self.size = rank, size
+        self.store = store or dist.TCPStore(host, port, size, False, timeout=timeout)
+        self.control = dist.ProcessGroupGloo(dist.PrefixStore("control", self.store), rank, size,
+                                             CONTROL_TIMEOUT)
+        comp_store = dist.PrefixStore("compute", self.store)
+        if device.type == "cuda":
+            opts = dist.ProcessGroupNCCL.Options()
+            opts._timeout = timeout
+            compute = dist.ProcessGroupNCCL(comp_store, rank, size, opts)
+        else:
+            compute = dist.ProcessGroupGloo(comp_store, rank, size, timeout)
+        self.comm = GroupComm(compute, rank, size)
+
+    @staticmethod
+    def master_store(timeout_s: float, size: int) -> dist.TCPStore:
+        """Rank 0's store on a free local port (its .port goes to the workers)."""
+        return dist.TCPStore("127.0.0.1", 0, size, True, wait_for_workers=False,
+                             timeout=datetime.timedelta(seconds=timeout_s))
+
+    def broadcast_bytes(self, data: bytes | None) -> bytes:
+        """Rank 0 passes the bytes; every rank returns them. Length first, then payload."""
+        n = torch.tensor([len(data) if self.rank == 0 else 0], dtype=torch.int64)
+        self.control.broadcast(n, 0).wait()
+        if self.rank == 0:
+            buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        else:
+            buf = torch.empty(int(n), dtype=torch.uint8)
+        if buf.numel():
+            self.control.broadcast(buf, 0).wait()
+        return data if self.rank == 0 else buf.numpy().tobytes()
+
+    def gather_bytes(self, data: bytes) -> list[bytes]:
+        """Every rank's bytes, on every rank (all-gather of padded buffers)."""
+        n = torch.tensor([len(data)], dtype=torch.int64)
+        lens = [torch.zeros(1, dtype=torch.int64) for _ in range(self.size)]
+        self.control.allgather([lens], [n]).wait()
+        width = max(1, max(int(x) for x in lens))
+        mine = torch.zeros(width, dtype=torch.uint8)
+        if data:
+            mine[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        bufs = [torch.empty(width, dtype=torch.uint8) for _ in range(self.size)]
+        self.control.allgather([bufs], [mine]).wait()
+        return [b[:int(k)].numpy().tobytes() for b, k in zip(bufs, lens)]
