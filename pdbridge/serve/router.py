@@ -107,8 +107,7 @@ class PDRouter:
                 node.engine.step()
         for rec in records:
             node = next(n for n in self.decodes if n.engine_id == rec.decode_engine)
-            rec.token_ids = list(node.engine.request(rec.request_id).output_ids)
-            node.engine.abort(rec.request_id)       # drop the finished request's record
+            rec.token_ids = list(node.engine.take(rec.request_id).output_ids)
         deadline = time.monotonic() + 10.0
         while self.prefill.num_held and time.monotonic() < deadline:
             self.prefill.poll()
