@@ -1,4 +1,4 @@
-"""Reference torch model for Mamba2 hybrids (NemotronH, Bamba, GraniteMoeHybrid, FalconH1),
+"""Reference torch model for Mamba2 hybrids (NemotronH, Bamba, GraniteMoeHybrid, FalconH1, Zamba2),
 loaded from HF safetensors, tensor-parallel by the spec's ShardRules."""
 from .batch import ForwardBatch
 from .comm import SingleComm, TorchDistComm

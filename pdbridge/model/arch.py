@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 from pdbridge.spec import ModelSpec
 
-SUPPORTED = ("nemotron_h", "bamba", "granitemoehybrid", "falcon_h1")     # zamba2: not yet
+SUPPORTED = ("nemotron_h", "bamba", "granitemoehybrid", "falcon_h1", "zamba2")
 
 
 def _float(v: Any) -> float:
@@ -40,6 +40,26 @@ class MoeConfig:
 
 
 @dataclass(frozen=True)
+class SharedBlocks:
+    """Zamba2: `num_blocks` shared transformer blocks, applied at the hybrid layers in rotation
+    (hybrid layer j uses block j % num_blocks), each hybrid layer with its own low-rank adapters
+    (MLP always; q/k/v when `attention_adapter`) of rank `adapter_rank`."""
+    num_blocks: int
+    hybrid_layers: tuple[int, ...]
+    attention_adapter: bool
+    adapter_rank: int
+
+    def __post_init__(self):
+        if self.num_blocks < 1 or self.adapter_rank < 1:
+            raise ValueError(f"SharedBlocks: num_blocks={self.num_blocks} and "
+                             f"adapter_rank={self.adapter_rank} must be >= 1")
+
+    def block_of(self, layer: int) -> int:
+        """The shared block a hybrid layer runs."""
+        return self.hybrid_layers.index(layer) % self.num_blocks
+
+
+@dataclass(frozen=True)
 class ArchConfig:
     model_type: str
     eps: float                          # every RMSNorm, gated norm included
@@ -64,6 +84,8 @@ class ArchConfig:
     ssm_in_multiplier: float = 1.0
     moe: MoeConfig | None = None
     tie_word_embeddings: bool = False
+    mamba_norm_eps: float | None = None  # the gated norm's own eps (Zamba2: 1e-5); None: eps
+    shared: SharedBlocks | None = None   # Zamba2's shared transformer blocks
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -161,5 +183,22 @@ def _falcon_h1(cfg, spec) -> ArchConfig:
                       tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)))
 
 
+def _zamba2(cfg, spec) -> ArchConfig:
+    from pdbridge.spec import MixerKind
+    hybrid = tuple(l.index for l in spec.layers if l.mixer(MixerKind.ATTENTION) is not None)
+    shared = SharedBlocks(int(cfg.get("num_mem_blocks", 1)), hybrid,
+                          bool(cfg.get("use_shared_attention_adapter", False)),
+                          int(cfg.get("adapter_rank", 128)))
+    head_dim = _head_dim(spec)
+    # Zamba2Attention scales by (head_dim / 2) ** -0.5: its heads see [h | embeddings], 2 x wide.
+    # Its Mamba2 clamps dt to (time_step_min, inf) in prefill; its gated norm hard-codes 1e-5.
+    return ArchConfig(spec.model_type, eps=_float(cfg.get("rms_norm_eps", 1e-5)),
+                      mlp_act=cfg.get("hidden_act", "gelu"), mlp_gated=True,
+                      dt_limit=(_float(cfg.get("time_step_min", 0.001)), math.inf),
+                      rope=_rope(cfg, head_dim) if cfg.get("use_mem_rope") else None,
+                      attn_scale=(head_dim / 2) ** -0.5, mamba_norm_eps=1e-5, shared=shared,
+                      tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)))
+
+
 _BUILDERS = {"nemotron_h": _nemotron_h, "bamba": _bamba, "granitemoehybrid": _granitemoehybrid,
-             "falcon_h1": _falcon_h1}
+             "falcon_h1": _falcon_h1, "zamba2": _zamba2}

@@ -41,14 +41,21 @@ class Attention(nn.Module):
         self.o_bias = nn.Parameter(torch.zeros(hidden)) if bias else None   # added after the sum
         self.register_buffer("kv_of_q", torch.tensor(shard.kv_of_q()), persistent=False)
 
-    def forward(self, h: torch.Tensor, batch: ForwardBatch, caches) -> torch.Tensor:   # (T, D)
+    def forward(self, h: torch.Tensor, batch: ForwardBatch, caches, layer: int | None = None,
+                qkv_delta: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:   # (T, D)
+        """`layer`: the cache layer when it is not this module's own (Zamba2's shared block
+        serves several layers); `qkv_delta`: (T, q_local), (T, kv_local), (T, kv_local) channel
+        terms added to the projections (Zamba2's per-layer LoRA-style adapters)."""
         t = h.shape[0]
-        q = self.q_proj(h).view(t, self.num_q, self.head_dim)
-        k = self.k_proj(h).view(t, self.num_kv, self.head_dim) * self.key_multiplier
-        v = self.v_proj(h).view(t, self.num_kv, self.head_dim)
+        q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
+        if qkv_delta is not None:
+            q, k, v = q + qkv_delta[0], k + qkv_delta[1], v + qkv_delta[2]
+        q = q.view(t, self.num_q, self.head_dim)
+        k = k.view(t, self.num_kv, self.head_dim) * self.key_multiplier
+        v = v.view(t, self.num_kv, self.head_dim)
         if self.rope is not None:
             q, k = apply_rope(q, batch.positions, self.rope), apply_rope(k, batch.positions, self.rope)
-        k_cache, v_cache = caches.kv(self.layer)
+        k_cache, v_cache = caches.kv(self.layer if layer is None else layer)
         out = torch.empty(t, self.num_q, self.head_dim, dtype=h.dtype, device=h.device)
         bt, kbt = caches.block_tokens, caches.kernel_block_tokens
         ctx_lens = batch.context_lens.tolist()

@@ -2,10 +2,12 @@
 residual; then pre-norm feed-forward (MLP or MoE), residual. Multipliers from ArchConfig."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
-from pdbridge.spec import FfnKind, LayerSpec, MixerKind
+from pdbridge.spec import FfnKind, LayerSpec, Mamba2Spec, MixerKind
 
 from .arch import ArchConfig
 from .attention import Attention
@@ -31,18 +33,14 @@ class Block(nn.Module):
                                   arch.attn_scale, arch.key_multiplier,
                                   pre + "attn.q_proj.bias" in names, comm)
         if m is not None:
-            shards = [mamba2_shard(m, comm.size, r) for r in range(comm.size)]
-            spans = [(s.h0 * m.head_dim, s.h1 * m.head_dim) for s in shards]
-            reduce = group_spans_ranks(spans, shards[0].norm_group_size())
-            self.mamba = Mamba2(shards[comm.rank], hidden, i, arch, reduce, comm,
-                                in_bias=pre + "mamba.in_proj.bias" in names,
-                                out_bias=pre + "mamba.out_bias" in names,
-                                conv_bias=pre + "mamba.conv_bias" in names)
+            self.mamba = build_mamba2(m, hidden, i, arch, comm, names)
         if layer.ffn is not FfnKind.NONE:
             self.ffn_norm = RMSNorm(hidden, arch.eps)
             self.ffn = build_ffn(layer, hidden, arch, cfg, comm, names)
 
-    def forward(self, h: torch.Tensor, batch: ForwardBatch, caches) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, batch: ForwardBatch, caches,
+                embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        """h: (T, D). `embeddings` (the layer-0 input) is unused here; Zamba2's layers read it."""
         arch = self.arch
         if self.mixer_norm is not None:
             x = self.mixer_norm(h)
@@ -56,6 +54,21 @@ class Block(nn.Module):
         if self.ffn is not None:
             h = h + self.ffn(self.ffn_norm(h)) * arch.residual_multiplier
         return h
+
+
+def build_mamba2(m: Mamba2Spec, hidden: int, layer: int, arch: ArchConfig, comm,
+                 names: set[str]) -> Mamba2:
+    """This rank's Mamba2 of `layer`; the gated-norm sums are all-reduced when a norm group
+    spans ranks (decided from the spec, so every rank agrees)."""
+    pre = f"layers.{layer}.mamba."
+    if arch.mamba_norm_eps is not None:         # Mamba2 reads arch.eps for its gated norm only
+        arch = replace(arch, eps=arch.mamba_norm_eps)
+    shards = [mamba2_shard(m, comm.size, r) for r in range(comm.size)]
+    spans = [(s.h0 * m.head_dim, s.h1 * m.head_dim) for s in shards]
+    reduce = group_spans_ranks(spans, shards[0].norm_group_size())
+    return Mamba2(shards[comm.rank], hidden, layer, arch, reduce, comm,
+                  in_bias=pre + "in_proj.bias" in names, out_bias=pre + "out_bias" in names,
+                  conv_bias=pre + "conv_bias" in names)
 
 
 def build_ffn(layer: LayerSpec, hidden: int, arch: ArchConfig, cfg: dict, comm,

@@ -6,7 +6,7 @@ Canonical names are the HybridModel's state_dict keys at TP = 1:
   layers.{i}.attn.{q,k,v,o}_proj.weight, layers.{i}.mamba.{in_proj.weight, conv_weight,
   conv_bias, dt_bias, A_log, D, norm.weight, out_proj.weight}, layers.{i}.ffn.{up,gate,down}_proj
   .weight, MoE: layers.{i}.ffn.{router_weight, router_bias, experts_up, experts_gate,
-  experts_down, shared.*}.
+  experts_down, shared.*}; Zamba2's shared blocks and adapters: see zamba2_weights.py.
 Both the checkpoint spelling (`backbone.*`, per-expert tensors) and the in-memory spelling of
 transformers 5.x (`model.*`, stacked experts) are accepted.
 """
@@ -19,10 +19,14 @@ import torch
 from pdbridge.spec import FfnKind, MixerKind, ModelSpec
 
 from .arch import ArchConfig
+from .zamba2_weights import zamba2_names
 
 _LAYER = re.compile(r"^layers\.(\d+)\.(.*)$")
 _EXPERT = re.compile(r"^experts\.(\d+)\.(up|down|gate)_proj\.weight$")
 _IGNORED = ("mtp.",)
+# A renamer may place a tensor outside its own layer (Zamba2's shared blocks and adapters):
+# such names come back already canonical.
+_CANONICAL = ("layers.", "shared.")
 
 
 class WeightError(KeyError):
@@ -44,7 +48,7 @@ def canonical_weights(spec: ModelSpec, arch: ArchConfig, hf: dict[str, torch.Ten
             continue
         i, rest = int(m.group(1)), m.group(2)
         for sub, tensor in rename(spec, i, rest, t, experts):
-            out[f"layers.{i}.{_fixup(sub)}"] = tensor
+            out[sub if sub.startswith(_CANONICAL) else f"layers.{i}.{_fixup(sub)}"] = tensor
     for (i, kind), per in experts.items():
         out[f"layers.{i}.ffn.experts_{kind}"] = torch.stack([per[j] for j in sorted(per)])
     for k in [k for k in out if k.endswith("mamba.conv_weight")]:
@@ -156,4 +160,5 @@ def _fold_falcon_mup(spec: ModelSpec, arch: ArchConfig, out: dict[str, torch.Ten
 
 
 _RENAMERS = {"nemotron_h": _nemotron_h, "bamba": _granite_family,
-             "granitemoehybrid": _granite_family, "falcon_h1": _granite_family}
+             "granitemoehybrid": _granite_family, "falcon_h1": _granite_family,
+             "zamba2": zamba2_names}

@@ -13,6 +13,7 @@ from .comm import SingleComm
 from .hf_names import canonical_weights
 from .model import HybridModel
 from .tp import shard_weights
+from .zamba2_weights import shard_shared_weights
 
 
 def build_model(spec: ModelSpec, tensors_by_hf_name: dict[str, torch.Tensor], comm=None,
@@ -21,6 +22,8 @@ def build_model(spec: ModelSpec, tensors_by_hf_name: dict[str, torch.Tensor], co
     arch = arch_config(spec)
     full = canonical_weights(spec, arch, tensors_by_hf_name)
     local = shard_weights(spec, full, comm.rank, comm.size)
+    if arch.shared is not None and comm.size > 1:      # Zamba2's shared blocks and adapters
+        local.update(shard_shared_weights(spec, arch.shared, full, comm.rank, comm.size))
     model = HybridModel(spec, arch, comm, set(full))
     missing, unexpected = model.load_state_dict(local, strict=False)
     if missing or unexpected:

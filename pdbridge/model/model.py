@@ -1,4 +1,5 @@
-"""HybridModel: embeddings, decoder layers (Block), final norm, lm_head.
+"""HybridModel: embeddings, decoder layers (Block; Zamba2Layer and shared blocks), final norm,
+lm_head.
 
 `model(batch, caches)` -> fp32 logits (num_seqs, vocab) at each sequence's last new token.
 Written for one device; TP enters only through the shard sizes its modules are built with and
@@ -15,6 +16,7 @@ from .arch import ArchConfig
 from .batch import ForwardBatch
 from .block import Block
 from .norm import RMSNorm
+from .zamba2 import build_zamba2_layers
 
 
 class HybridModel(nn.Module):
@@ -23,8 +25,11 @@ class HybridModel(nn.Module):
         self.spec, self.arch, self.comm = spec, arch, comm
         d = spec.hidden_size
         self.embed = nn.Embedding(spec.vocab_size, d)
-        self.layers = nn.ModuleList(Block(l, d, arch, dict(spec.config), comm, names)
-                                    for l in spec.layers)
+        if arch.shared is None:
+            self.layers = nn.ModuleList(Block(l, d, arch, dict(spec.config), comm, names)
+                                        for l in spec.layers)
+        else:                                   # Zamba2: shared transformer blocks
+            self.shared, self.layers = build_zamba2_layers(spec, arch, comm, names)
         self.final_norm = RMSNorm(d, arch.eps)
         self.lm_head = nn.Linear(d, spec.vocab_size, bias=False)
 
@@ -33,8 +38,9 @@ class HybridModel(nn.Module):
         h = self.embed(batch.input_ids)
         if self.arch.embedding_multiplier != 1.0:
             h = h * self.arch.embedding_multiplier
+        emb = h
         for block in self.layers:
-            h = block(h, batch, caches)
+            h = block(h, batch, caches, emb)
         if not all_logits:
             h = h[batch.last_token_index()]
         h = self.final_norm(h)

@@ -46,7 +46,31 @@ def hf_config(arch: str, **over):
                   mlp_multipliers=[1.1, 0.9])
         kw.update(over)
         return tf.FalconH1Config(**kw)
+    if arch in ZAMBA2:
+        kw = dict(ZAMBA2[arch])
+        kw.update(over)
+        kw["num_hidden_layers"] = len(kw["layers_block_type"])
+        return tf.Zamba2Config(**kw)
     raise ValueError(arch)
+
+
+_ZAMBA_BASE = dict(vocab_size=96, hidden_size=32, num_attention_heads=4, intermediate_size=40,
+                   mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, n_mamba_heads=4,
+                   chunk_size=8, adapter_rank=4, initializer_range=0.2)
+# Pass layers_block_type explicitly (REFERENCE.md). `zamba2`: two shared blocks in rotation over
+# three hybrid layers, q/k/v adapters, RoPE, G = 2. `zamba2_gqa`: one block, GQA (2 KV heads, so
+# no attention adapters: HF sizes them for kv == q), biases, G = 1, eps apart from the gated norm's.
+# Init range 0.2, not 0.3: at 0.3 the 5-layer model amplifies rounding so much that transformers
+# itself in fp32 and fp64 differs by 3e-4 in the logits.
+ZAMBA2 = {
+    "zamba2": dict(_ZAMBA_BASE, layers_block_type=["mamba", "hybrid", "mamba", "hybrid", "hybrid"],
+                   num_key_value_heads=4, mamba_ngroups=2, num_mem_blocks=2,
+                   use_shared_attention_adapter=True, use_mem_rope=True),
+    "zamba2_gqa": dict(_ZAMBA_BASE, layers_block_type=["hybrid", "mamba", "hybrid"],
+                       num_key_value_heads=2, mamba_ngroups=1, num_mem_blocks=1,
+                       use_shared_attention_adapter=False, use_mem_rope=False,
+                       add_bias_linear=True, rms_norm_eps=1e-3, hidden_act="silu"),
+}
 
 
 def hf_model(config, seed: int = 0):
