@@ -1,9 +1,94 @@
-"""Placeholder: replaced by the helper that owns this command."""
+"""`pdbridge bench transfer`: measure one request's transfer per strategy against the
+transport's single-read limit and a per-(layer, block, segment) descriptor scheme."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+STRATEGIES = ("direct", "staging", "permute")
+CONV_LAYOUTS = ("DS", "SD")
 
 
-def add_arguments(parser):
-    pass
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="bench", metavar="BENCH")
+    p = sub.add_parser("transfer", help="one request's transfer over NIXL, per strategy")
+    p.add_argument("--model", required=True, help="a preset id (pdbridge.spec.PRESETS)")
+    p.add_argument("--prefill-tp", type=int, required=True)
+    p.add_argument("--decode-tp", type=int, required=True)
+    p.add_argument("--tokens", required=True, help="comma-separated token counts, e.g. 512,4096")
+    p.add_argument("--strategy", default="all", help=f"all or one of {', '.join(STRATEGIES)}")
+    p.add_argument("--conv-layout", default="DS", help=f"one of {', '.join(CONV_LAYOUTS)}")
+    p.add_argument("--reps", type=int, default=5, help="repetitions per measurement (median)")
+    p.add_argument("--json", action="store_true", help="print rows as JSON")
+    p.add_argument("--plot", metavar="FILE.png", help="write limit ratio vs tokens")
 
 
-def run(args):
-    raise SystemExit("pdbridge bench: not built yet")
+def _fail(msg: str) -> int:
+    sys.stderr.write(f"pdbridge bench transfer: error: {msg}\n")
+    return 2
+
+
+def run(args) -> int:
+    if getattr(args, "bench", None) != "transfer":
+        return _fail("choose a benchmark; allowed: transfer")
+    from pdbridge.spec import PRESETS
+    if args.model not in PRESETS:
+        return _fail(f"--model={args.model!r}; allowed: {', '.join(PRESETS)}")
+    try:
+        tokens = tuple(int(t) for t in args.tokens.split(","))
+    except ValueError:
+        return _fail(f"--tokens={args.tokens!r}; allowed: comma-separated positive integers")
+    if not tokens or min(tokens) < 1:
+        return _fail(f"--tokens={args.tokens!r}; allowed: comma-separated positive integers")
+    if args.strategy != "all" and args.strategy not in STRATEGIES:
+        return _fail(f"--strategy={args.strategy!r}; allowed: all, {', '.join(STRATEGIES)}")
+    if args.conv_layout not in CONV_LAYOUTS:
+        return _fail(f"--conv-layout={args.conv_layout!r}; allowed: {', '.join(CONV_LAYOUTS)}")
+    for name in ("prefill_tp", "decode_tp", "reps"):
+        if getattr(args, name) < 1:
+            return _fail(f"--{name.replace('_', '-')}={getattr(args, name)}; allowed: >= 1")
+    from .bench_transfer import BenchConfig, run_bench
+    strategies = STRATEGIES if args.strategy == "all" else (args.strategy,)
+    cfg = BenchConfig(args.model, args.prefill_tp, args.decode_tp, tokens, strategies,
+                      args.conv_layout, args.reps)
+    try:
+        cfg.layouts()
+    except ValueError as e:
+        return _fail(str(e))
+    rows = run_bench(cfg)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        _print_table(cfg, rows)
+    if args.plot:
+        _plot(rows, args.plot)
+    return 0
+
+
+def _print_table(cfg, rows) -> None:
+    print(f"{cfg.model}  P={cfg.prefill_tp} -> D={cfg.decode_tp}  conv={cfg.conv_layout}  "
+          f"(limit: one descriptor per source; per_block: one per (layer, block, segment))")
+    head = (f"{'tokens':>7} {'strategy':>10} {'descs':>7} {'indices':>8} {'MiB':>9} "
+            f"{'ms':>8} {'GB/s':>6} {'/limit':>7} {'vs per_block':>12}")
+    print(head)
+    for r in rows:
+        print(f"{r['tokens']:>7} {r['strategy']:>10} {r['descriptors']:>7} {r['indices']:>8} "
+              f"{r['nbytes'] / 2**20:>9.1f} {r['time_ms']:>8.2f} {r['gb_per_s']:>6.2f} "
+              f"{r['limit_ratio']:>7.3f} {r['vs_per_block']:>12.2f}")
+
+
+def _plot(rows, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for s in dict.fromkeys(r["strategy"] for r in rows):
+        pts = [(r["tokens"], r["limit_ratio"]) for r in rows if r["strategy"] == s]
+        ax.plot(*zip(*pts), marker="o", label=s)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("time of single-read limit / time")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)

@@ -1,0 +1,220 @@
+"""The Transport interface: how a decode rank pulls bytes out of a prefill rank's caches.
+
+A transport owns one agent (one process-side endpoint). It registers that rank's cache
+regions (the byte buffers EngineLayout.rank(r).regions describes, in that order) plus an
+optional scratch buffer (region id SCRATCH), exports opaque metadata bytes that the
+handshake carries to peers, and reads lists of (src region, src offset) -> (dst region,
+dst offset, nbytes) runs from a peer into its own regions. Completion notifications carry
+caller bytes to the peer that was read from (DESIGN.md section 5, step 3).
+
+Two implementations: LocalTransport (in-process copies, the embedded default and the test
+double) and NixlTransport (NIXL over UCX). Invalid requests (unknown peer, a run outside a
+region, a misaligned run) raise TransferError at submission; failures while a read is in
+flight (peer gone) are reported by poll() as XferState.FAILED with a reason, and wait()
+raises. Nothing fails silently.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence
+
+import msgspec
+import numpy as np
+
+from pdbridge.plan.transfer_plan import SCRATCH, TransferPlan
+
+
+class TransferError(RuntimeError):
+    """A read that cannot be submitted or did not complete; the message says why."""
+
+
+class XferState(enum.Enum):
+    PENDING = "pending"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class MemKind(enum.Enum):
+    DRAM = "DRAM"       # host memory: numpy arrays, CPU torch tensors
+    VRAM = "VRAM"       # device memory: CUDA torch tensors
+
+
+@dataclass(frozen=True)
+class XferStatus:
+    state: XferState
+    reason: str = ""    # why, when FAILED
+
+
+@dataclass(frozen=True)
+class XferHandle:
+    """One submitted read; the transport that issued it owns its resources."""
+    id: int
+    peer: str
+    num_descriptors: int     # descriptors as submitted (before any transport-side merging)
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class BufferInfo:
+    """Where a registered byte buffer lives."""
+    addr: int
+    nbytes: int
+    device: int         # CUDA device index; 0 for host memory
+    kind: MemKind
+
+
+def buffer_info(buf: Any) -> BufferInfo:
+    """Address and size of a contiguous uint8 numpy array or torch tensor."""
+    if isinstance(buf, np.ndarray):
+        if buf.dtype != np.uint8 or buf.ndim != 1 or not buf.flags.c_contiguous:
+            raise TransferError(f"buffers must be contiguous 1-D uint8 arrays, got "
+                                f"dtype={buf.dtype} shape={buf.shape}")
+        return BufferInfo(buf.ctypes.data, buf.nbytes, 0, MemKind.DRAM)
+    if type(buf).__module__.startswith("torch"):
+        if buf.dim() != 1 or buf.element_size() != 1 or not buf.is_contiguous():
+            raise TransferError(f"buffers must be contiguous 1-D uint8 tensors, got "
+                                f"dtype={buf.dtype} shape={tuple(buf.shape)}")
+        cuda = buf.device.type == "cuda"
+        return BufferInfo(buf.data_ptr(), buf.numel(), (buf.device.index or 0) if cuda else 0,
+                          MemKind.VRAM if cuda else MemKind.DRAM)
+    raise TransferError(f"unsupported buffer type {type(buf).__name__}; "
+                        f"allowed: numpy uint8 array, torch uint8 tensor")
+
+
+@dataclass(frozen=True)
+class ReadList:
+    """Runs to read from one peer: src region/offset on the peer, dst region/offset here.
+
+    Region ids index the registered regions; SCRATCH names the scratch buffer of that side.
+    """
+    src_region: np.ndarray      # int32
+    src_offset: np.ndarray      # int64, bytes
+    dst_region: np.ndarray      # int32
+    dst_offset: np.ndarray      # int64, bytes
+    nbytes: np.ndarray          # int64
+
+    def __post_init__(self):
+        n = len(self.nbytes)
+        for f in ("src_region", "src_offset", "dst_region", "dst_offset"):
+            if len(getattr(self, f)) != n:
+                raise TransferError(f"ReadList.{f} has {len(getattr(self, f))} entries, "
+                                    f"nbytes has {n}")
+        if n and int(np.min(self.nbytes)) <= 0:
+            raise TransferError("ReadList.nbytes must be > 0 for every run")
+
+    def __len__(self) -> int:
+        return len(self.nbytes)
+
+    @property
+    def total_nbytes(self) -> int:
+        return int(np.sum(self.nbytes))
+
+    @staticmethod
+    def from_plan(plan: TransferPlan, prefill_rank: int) -> "ReadList":
+        """The reads of `plan` served by one prefill rank."""
+        i = plan.reads_from(prefill_rank)
+        return ReadList(plan.src_region[i].astype(np.int32), plan.src_offset[i].astype(np.int64),
+                        plan.dst_region[i].astype(np.int32), plan.dst_offset[i].astype(np.int64),
+                        plan.nbytes[i].astype(np.int64))
+
+
+class PeerMetadata(msgspec.Struct, frozen=True):
+    """What a peer needs to read from an agent: its name and every region's place and size."""
+    agent: str
+    transport: str                          # "local" | "nixl": refuse cross-kind pairs
+    regions: list[tuple[int, int, int]]     # (addr, nbytes, device) per region, in order
+    scratch: tuple[int, int, int] | None    # the scratch buffer, if registered
+    mem_kind: str                           # MemKind value of every region
+    grain_nbytes: int = 0                   # NIXL: chunk grain of the prepared lists
+    zones: list[list[int]] = []             # NIXL: chunk-grid origins per region (chunks.py)
+    agent_md: bytes = b""                   # NIXL agent metadata blob
+
+    def encode(self) -> bytes:
+        return msgspec.msgpack.encode(self)
+
+    @staticmethod
+    def decode(blob: bytes) -> "PeerMetadata":
+        try:
+            return msgspec.msgpack.decode(blob, type=PeerMetadata)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            raise TransferError(f"malformed transport metadata: {e}") from None
+
+    def region_nbytes(self, region: int) -> int:
+        if region == SCRATCH:
+            return self.scratch[1] if self.scratch else 0
+        return self.regions[region][1]
+
+
+def check_ranges(reads: ReadList, src_sizes: Sequence[int], src_scratch: int,
+                 dst_sizes: Sequence[int], dst_scratch: int, peer: str) -> None:
+    """Raise TransferError naming the first run outside its source or destination region."""
+    for side, region, offset, sizes, scratch in (
+            ("source", reads.src_region, reads.src_offset, src_sizes, src_scratch),
+            ("destination", reads.dst_region, reads.dst_offset, dst_sizes, dst_scratch)):
+        lengths = np.append(np.asarray(sizes, np.int64), scratch)   # SCRATCH (-1) -> last
+        bad_id = (region < SCRATCH) | (region >= len(sizes))
+        if bad_id.any():
+            i = int(np.argmax(bad_id))
+            raise TransferError(f"read {i} from {peer}: {side} region {int(region[i])} does not "
+                                f"exist ({len(sizes)} regions, SCRATCH={SCRATCH})")
+        end = offset + reads.nbytes
+        bad = (offset < 0) | (end > lengths[region])
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise TransferError(f"read {i} from {peer}: {side} region {int(region[i])} bytes "
+                                f"[{int(offset[i])}, {int(end[i])}) outside its "
+                                f"{int(lengths[region[i]])} bytes")
+
+
+class Transport(Protocol):
+    """One agent's data plane. Handles are released by close() if not before."""
+
+    name: str
+
+    def register_regions(self, buffers: Sequence[Any], scratch: Any | None = None,
+                         zones: Sequence[Sequence[int]] | None = None) -> None:
+        """Register this rank's regions (region id = position) and an optional scratch buffer.
+
+        `zones` (optional, per region) are offsets where runs tend to start alike on every
+        engine (chunks.layout_zones); a hint for NixlTransport's index scheme, never needed
+        for correctness."""
+
+    def metadata(self) -> bytes:
+        """Opaque bytes a peer passes to add_peer (the handshake carries them)."""
+
+    def add_peer(self, name: str, metadata: bytes) -> None:
+        """Learn a peer (its regions) so that read() can target it."""
+
+    def read(self, peer: str, reads: ReadList | TransferPlan, notify: bytes | None = None,
+             prefill_rank: int | None = None) -> XferHandle:
+        """Start reading `reads` from `peer`; `notify` is delivered to the peer on success."""
+
+    def poll(self, handle: XferHandle) -> XferStatus:
+        """Progress and report a read without blocking."""
+
+    def wait(self, handle: XferHandle, timeout_s: float) -> XferStatus:
+        """Block until DONE; raise TransferError on FAILED or timeout."""
+
+    def release(self, handle: XferHandle) -> None:
+        """Free a finished read's resources (close() frees any left)."""
+
+    def notify(self, peer: str, message: bytes) -> None:
+        """Send a standalone notification to a peer."""
+
+    def get_notifications(self) -> list[tuple[str, bytes]]:
+        """(peer, message) received since the last call; also drives passive progress."""
+
+    def close(self) -> None:
+        """Release every handle, list and registration; idempotent."""
+
+
+def as_read_list(reads: ReadList | TransferPlan, prefill_rank: int | None) -> ReadList:
+    if isinstance(reads, ReadList):
+        return reads
+    if prefill_rank is None:
+        ranks = reads.source_ranks()
+        if len(ranks) != 1:
+            raise TransferError(f"plan reads from prefill ranks {ranks}: pass prefill_rank")
+        prefill_rank = ranks[0]
+    return ReadList.from_plan(reads, prefill_rank)

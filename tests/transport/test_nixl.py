@@ -1,0 +1,73 @@
+"""NixlTransport in one process: two agents, the passive one driven by the test's loop."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("nixl")
+from pdbridge.transport.nixl import NixlTransport  # noqa: E402
+from pdbridge.transport.transport import ReadList, TransferError, XferState  # noqa: E402
+
+
+def _reads(rows) -> ReadList:
+    c = list(zip(*rows))
+    return ReadList(np.asarray(c[0], np.int32), np.asarray(c[1], np.int64),
+                    np.asarray(c[2], np.int32), np.asarray(c[3], np.int64),
+                    np.asarray(c[4], np.int64))
+
+
+def _drive(p: NixlTransport, d: NixlTransport, h, timeout_s: float = 20.0):
+    deadline = time.monotonic() + timeout_s
+    notes = []
+    while (s := d.poll(h)).state is XferState.PENDING and time.monotonic() < deadline:
+        notes += p.get_notifications()
+    while not notes and time.monotonic() < deadline:
+        notes += p.get_notifications()
+    return s, notes
+
+
+@pytest.fixture(scope="module")
+def agents():
+    rng = np.random.default_rng(3)
+    src = [rng.integers(0, 256, n, dtype=np.uint8) for n in (100_000, 4096, 70_000)]
+    pscratch = rng.integers(0, 256, 5000, dtype=np.uint8)
+    dst = [np.zeros(n, np.uint8) for n in (150_000, 9000)]
+    staging = np.zeros(6000, np.uint8)
+    p, d = NixlTransport("nt-P"), NixlTransport("nt-D")
+    p.register_regions(src, pscratch, zones=[[0, 333], [0], [0, 50_000]])
+    d.register_regions(dst, staging)
+    d.add_peer("nt-P", p.metadata())
+    yield p, d, src, pscratch, dst, staging
+    d.close()
+    p.close()
+
+
+def test_reads_land_exactly(agents):
+    p, d, src, pscratch, dst, staging = agents
+    rows = [(0, 7, 0, 11, 99_000), (2, 49_999, 1, 3, 8_000), (-1, 1, -1, 5, 4_999),
+            (1, 0, 0, 140_000, 4096)]
+    h = d.read("nt-P", _reads(rows), notify=b"req-7")
+    status, notes = _drive(p, d, h)
+    assert status.state is XferState.DONE, status.reason
+    assert ("nt-D", b"req-7") in notes
+    assert np.array_equal(dst[0][11:99_011], src[0][7:99_007])
+    assert np.array_equal(dst[1][3:8_003], src[2][49_999:57_999])
+    assert np.array_equal(staging[5:5_004], pscratch[1:5_000])
+    assert np.array_equal(dst[0][140_000:144_096], src[1])
+    d.release(h)
+
+
+def test_bad_reads_raise(agents):
+    _, d, *_ = agents
+    with pytest.raises(TransferError, match="outside"):
+        d.read("nt-P", _reads([(1, 100, 0, 0, 4096)]))
+    with pytest.raises(TransferError, match="unknown peer"):
+        d.read("nt-X", _reads([(0, 0, 0, 0, 8)]))
+
+
+def test_metadata_for_another_agent_is_refused(agents):
+    p, d, *_ = agents
+    with pytest.raises(TransferError, match="expected"):
+        d.add_peer("someone-else", p.metadata())
