@@ -8,14 +8,16 @@ reads from (once per engine), pulls, restores, and notifies every prefill rank i
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from typing import Any
 
 import numpy as np
 
-from pdbridge.plan import RequestBlocks, SCRATCH, Strategy, TransferPlan, plan_transfer
+from pdbridge.plan import CopyList, RequestBlocks, SCRATCH, Strategy, TransferPlan, plan_transfer
 from pdbridge.spec import EngineLayout
+from pdbridge.transport.chunks import layout_zones
 from pdbridge.transport.copies import execute_plan, run_copies
 from pdbridge.transport.handshake import (MetadataServer, PeerDirectory, RankMetadata, peer_name,
                                          request)
@@ -47,7 +49,8 @@ class PDRank:
         self.role, self.engine_id, self.timeout_s = call.role, call.engine_id, call.timeout_s
         self.transport = make_transport(call.transport, peer_name(call.engine_id, self.rank))
         self.scratch = np.zeros(call.scratch_nbytes, np.uint8) if call.scratch_nbytes else None
-        self.transport.register_regions(self.caches.region_buffers, self.scratch)
+        self.transport.register_regions(self.caches.region_buffers, self.scratch,
+                                        layout_zones(self.layout.rank(self.rank)))
         self._layouts: dict[str, EngineLayout] = {self.layout.digest: self.layout}
         self.server: MetadataServer | None = None
         if self.role == "prefill":
@@ -200,8 +203,7 @@ class LeaseRenewer:
             self._thread.join(2 * self._every + 1.0)
 
 
-def _shift(copies, dst: int):
-    from pdbridge.plan import CopyList
+def _shift(copies: CopyList, dst: int) -> CopyList:
     return CopyList(copies.src_region, copies.src_offset, copies.dst_region,
                     copies.dst_offset + dst, copies.nbytes)
 
@@ -219,5 +221,4 @@ def _with_scratch_bases(plan: TransferPlan, bases: dict[int, dict[int, int]]) ->
             raise RuntimeError(f"plan reads prefill rank {r}'s scratch but it prepared none "
                                f"for decode rank {plan.decode_rank}") from None
         offsets[from_scratch & (plan.src_rank == r)] += base
-    import dataclasses
     return dataclasses.replace(plan, src_offset=offsets)

@@ -12,7 +12,7 @@ from pdbridge.spec import EngineLayout
 from .cost_model import CostModel
 from .direct_reads import DirectReads, direct_reads
 from .run_list import RunList
-from .strategies import StateRewrite, permute, staging
+from .strategies import StateRewrite, permute, split_small, staging
 from .transfer_plan import CopyList, ReadGroup, RequestBlocks, Strategy, TransferPlan
 from .validation import check_geometry, check_request
 
@@ -51,13 +51,14 @@ def plan_transfer(prefill_layout: EngineLayout, decode_layout: EngineLayout, dec
 
 def _build(strategy: Strategy, direct: DirectReads, prefill: EngineLayout,
            prefill_blocks: RequestBlocks, decode_rank: int) -> TransferPlan:
+    small, large = split_small(direct.state)
     if strategy is Strategy.STAGING:
-        rewrite = staging(direct.state, prefill, prefill_blocks.state_block)
+        rewrite = staging(small)
     elif strategy is Strategy.PERMUTE:
-        rewrite = permute(direct.state)
+        rewrite = permute(small)
     else:
-        rewrite = StateRewrite(direct.state, RunList.empty(), 0, {}, {})
-    reads = RunList.concat([direct.paged, rewrite.reads]).coalesced()
+        rewrite, large = StateRewrite(direct.state, RunList.empty(), 0, {}, {}), RunList.empty()
+    reads = RunList.concat([direct.paged, large, rewrite.reads]).coalesced()
     restore = rewrite.restore.as_copy_list() if len(rewrite.restore) else CopyList.empty()
     return TransferPlan(
         decode_rank=decode_rank, strategy=strategy,

@@ -1,11 +1,18 @@
 """The `staging` and `permute` strategies (DESIGN.md section 4), as rewrites of the direct
 state runs. Paged (attention) runs always stay direct.
 
-staging: per (source rank, state region) read the used part of the request's page in one
-    descriptor into the decode staging buffer, then copy each direct run out of it.
-permute: each source rank first gathers the runs this decode rank needs into its scratch, in
-    destination order; the decode rank reads each source's scratch in one descriptor, then
+Both rewrite only the SMALL state runs (under REWRITE_BELOW_NBYTES, e.g. the three conv
+segments of a Mamba layer); large runs (SSM heads) already read at full speed and stay direct,
+so no large run is copied twice.
+
+staging: per (source rank, state region) read the span of the request's page that holds the
+    small runs, in one descriptor, into the decode staging buffer, then copy each run out of it.
+permute: each source rank first gathers the small runs this decode rank needs into its scratch,
+    in destination order; the decode rank reads each source's scratch in one descriptor, then
     restores from staging (runs adjacent in the destination collapse into one copy).
+
+Staging offsets are aligned (STAGE_ALIGN) so that a transport splitting runs at power-of-two
+boundaries needs few pieces.
 """
 from __future__ import annotations
 
@@ -13,12 +20,27 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pdbridge.spec import BLOCK, EngineLayout
-
 from .run_list import RunList
 from .transfer_plan import SCRATCH, CopyList
 
 _I32, _I64 = np.int32, np.int64
+
+# REFERENCE.md (NIXL 1.5, same host): descriptors of 256 KiB and up run at memcpy speed; below
+# that each costs about one system call. Only runs under this size are worth a local copy.
+REWRITE_BELOW_NBYTES = 256 << 10
+STAGE_ALIGN = 64 << 10
+
+
+def split_small(state: RunList) -> tuple[RunList, RunList]:
+    """(small runs to rewrite, large runs to keep direct)."""
+    small = state.nbytes < REWRITE_BELOW_NBYTES
+    return state.take(np.flatnonzero(small)), state.take(np.flatnonzero(~small))
+
+
+def _aligned_bases(sizes: np.ndarray) -> np.ndarray:
+    """Start of each piece in a buffer where pieces follow each other at STAGE_ALIGN."""
+    padded = -(-sizes // STAGE_ALIGN) * STAGE_ALIGN
+    return np.concatenate(([0], np.cumsum(padded)[:-1])).astype(_I64)
 
 
 @dataclass(frozen=True)
@@ -30,36 +52,27 @@ class StateRewrite:
     scratch_nbytes: dict[int, int]
 
 
-def _page_spans(prefill: EngineLayout, rank: int) -> dict[int, tuple[int, int]]:
-    """Per state region of one rank: (page stride, bytes used by its tensors in a page)."""
-    spans: dict[int, tuple[int, int]] = {}
-    for tl in prefill.rank(rank).tensors:
-        if tl.tensor.paged:
-            continue
-        stride, used = spans.get(tl.region, (tl.axis(BLOCK).stride, 0))
-        spans[tl.region] = (stride, max(used, tl.base + tl.block_nbytes))
-    return spans
-
-
-def staging(state: RunList, prefill: EngineLayout, state_block: int) -> StateRewrite:
+def staging(state: RunList) -> StateRewrite:
     if not len(state):
         return StateRewrite(RunList.empty(), RunList.empty(), 0, {}, {})
     key = state.src_rank.astype(_I64) * (1 << 32) + state.src_region
     pages, page_of_run = np.unique(key, return_inverse=True)
-    spans = {p: _page_spans(prefill, p) for p in np.unique(state.src_rank).tolist()}
     rank, region = (pages >> 32).astype(_I32), (pages & 0xFFFFFFFF).astype(_I32)
-    stride_used = np.array([spans[p][r] for p, r in zip(rank.tolist(), region.tolist())], _I64)
-    start = state_block * stride_used[:, 0]
-    used = stride_used[:, 1]
-    stage_base = np.concatenate(([0], np.cumsum(used)[:-1])).astype(_I64)
+    start = np.full(len(pages), np.iinfo(_I64).max, _I64)
+    end = np.zeros(len(pages), _I64)
+    np.minimum.at(start, page_of_run, state.src_offset)
+    np.maximum.at(end, page_of_run, state.src_offset + state.nbytes)
+    span = end - start                      # one read covering the page's runs
+    stage_base = _aligned_bases(span)
     first_group = np.full(len(pages), np.iinfo(_I32).max, _I32)
     np.minimum.at(first_group, page_of_run, state.group)
-    reads = RunList(rank, region, start, np.full(len(pages), SCRATCH, _I32), stage_base, used,
+    reads = RunList(rank, region, start, np.full(len(pages), SCRATCH, _I32), stage_base, span,
                     first_group)
     restore = RunList(np.zeros(len(state), _I32), np.full(len(state), SCRATCH, _I32),
                       stage_base[page_of_run] + state.src_offset - start[page_of_run],
                       state.dst_region, state.dst_offset, state.nbytes, state.group)
-    return StateRewrite(reads, restore.coalesced(), int(used.sum()), {}, {})
+    staging_nbytes = int(stage_base[-1] + span[-1])
+    return StateRewrite(reads, restore.coalesced(), staging_nbytes, {}, {})
 
 
 def permute(state: RunList) -> StateRewrite:
@@ -71,7 +84,7 @@ def permute(state: RunList) -> StateRewrite:
     rank_total = np.add.reduceat(runs.nbytes, first)
     rank_begin = np.repeat(csum[first] - runs.nbytes[first], counts)   # bytes before each rank
     scratch_off = csum - runs.nbytes - rank_begin        # offset in its source's scratch
-    stage_base = np.concatenate(([0], np.cumsum(rank_total)[:-1])).astype(_I64)
+    stage_base = _aligned_bases(rank_total)
     n = len(ranks)
     reads = RunList(ranks.astype(_I32), np.full(n, SCRATCH, _I32), np.zeros(n, _I64),
                     np.full(n, SCRATCH, _I32), stage_base, rank_total.astype(_I64),
@@ -86,4 +99,5 @@ def permute(state: RunList) -> StateRewrite:
                          np.full(c, SCRATCH, _I32), scratch_off[sl], runs.nbytes[sl], runs.group[sl])
         reorder[p] = gather.coalesced().as_copy_list()
         scratch[p] = int(total)
-    return StateRewrite(reads, restore.coalesced(), int(rank_total.sum()), reorder, scratch)
+    return StateRewrite(reads, restore.coalesced(), int(stage_base[-1] + rank_total[-1]),
+                        reorder, scratch)

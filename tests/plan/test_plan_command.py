@@ -38,7 +38,7 @@ def test_json_matches_plan_transfer(capsys):
     by_name = {s["strategy"]: s for s in report["strategies"]}
     assert set(by_name) == {"direct", "staging", "permute"}
     assert by_name["permute"]["descriptors"] == report["totals"]["descriptors"]
-    assert by_name["direct"]["ratio"] == 1.0 and by_name["staging"]["ratio"] > 1.0
+    assert by_name["direct"]["ratio"] == 1.0 and by_name["staging"]["ratio"] >= 1.0
 
 
 def test_text_output_groups_layers(capsys):

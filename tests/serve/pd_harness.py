@@ -77,3 +77,12 @@ def run_pd(model_dir, prefill_tp: int, decode_tps: list[int], strategies: list[s
     finally:
         for n in [pre, *decs]:
             n.close()
+
+
+def hf_arch_dir(arch: str, path) -> str:
+    """A tiny random checkpoint of any architecture the model tests cover (their configs)."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
+    import hf_tiny
+    return hf_tiny.save(hf_tiny.hf_model(hf_tiny.hf_config(arch)), str(path))

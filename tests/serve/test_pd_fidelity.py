@@ -68,3 +68,14 @@ def test_full_sweep_default_model(default_dir, prefill_tp, conv):
 @pytest.mark.parametrize("prefill_tp", [1, 2, 4])
 def test_full_sweep_granite(granite_dir, prefill_tp, conv):
     check(granite_dir, prefill_tp, [1, 2, 4], STRATEGIES, conv, conv)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["nemotron_h", "bamba", "granitemoehybrid", "falcon_h1", "zamba2"])
+def test_every_architecture(arch, tmp_path):
+    """Each supported architecture's tiny HF checkpoint through 1 -> 2 and 2 -> 4 (and 4 -> 1)."""
+    from pd_harness import hf_arch_dir
+    model_dir = hf_arch_dir(arch, tmp_path / arch)
+    prompts = [[t % 96 for t in p] for p in PROMPTS]        # the tiny configs' vocabulary
+    check(model_dir, 1, [2], ["direct", "permute"], prefill_conv="SD", prompts=prompts)
+    check(model_dir, 4, [1, 2], ["staging", "auto"], prompts=prompts)
