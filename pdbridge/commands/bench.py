@@ -20,6 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", default="all", help=f"all or one of {', '.join(STRATEGIES)}")
     p.add_argument("--conv-layout", default="DS", help=f"one of {', '.join(CONV_LAYOUTS)}")
     p.add_argument("--reps", type=int, default=5, help="repetitions per measurement (median)")
+    p.add_argument("--no-layer-interleave", dest="layer_interleave", action="store_false",
+                   help="one cache region per layer instead of per tensor shape (layers "
+                        "interleaved, the default: few large reads per request)")
     p.add_argument("--json", action="store_true", help="print rows as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="write limit ratio vs tokens")
 
@@ -51,7 +54,7 @@ def run(args) -> int:
     from .bench_transfer import BenchConfig, run_bench
     strategies = STRATEGIES if args.strategy == "all" else (args.strategy,)
     cfg = BenchConfig(args.model, args.prefill_tp, args.decode_tp, tokens, strategies,
-                      args.conv_layout, args.reps)
+                      args.conv_layout, args.reps, args.layer_interleave)
     try:
         cfg.layouts()
     except ValueError as e:
@@ -68,6 +71,7 @@ def run(args) -> int:
 
 def _print_table(cfg, rows) -> None:
     print(f"{cfg.model}  P={cfg.prefill_tp} -> D={cfg.decode_tp}  conv={cfg.conv_layout}  "
+          f"layers {'interleaved' if cfg.layer_interleave else 'one region each'}  "
           f"(limit: one descriptor per source; per_block: one per (layer, block, segment))")
     head = (f"{'tokens':>7} {'strategy':>10} {'descs':>7} {'indices':>8} {'MiB':>9} "
             f"{'ms':>8} {'GB/s':>6} {'/limit':>7} {'vs per_block':>12}")

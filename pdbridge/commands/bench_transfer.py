@@ -42,13 +42,18 @@ class BenchConfig:
     strategies: tuple[str, ...]
     conv_layout: str = "DS"
     reps: int = 5
+    layer_interleave: bool = True       # one region per tensor shape (EngineLayout docstring)
 
-    def layouts(self) -> tuple[EngineLayout, EngineLayout]:
+    def layouts(self, layer_interleave: bool | None = None) -> tuple[EngineLayout, EngineLayout]:
+        """(prefill, decode) layouts; the per-block baseline runs on one region per layer,
+        the layout established connectors use."""
         spec = get_preset(self.model)
+        interleave = self.layer_interleave if layer_interleave is None else layer_interleave
         out = []
         for tp in (self.prefill_tp, self.decode_tp):
             cache = CacheConfig(num_blocks=1, conv_layout=self.conv_layout,
-                                attn_layout="heads_across_blocks", page_padding=True)
+                                attn_layout="heads_across_blocks", page_padding=True,
+                                layer_interleave=interleave)
             bt = EngineLayout(spec, tp, cache).block_tokens
             blocks = -(-max(self.tokens) // bt) + 1          # + the state block
             out.append(EngineLayout(spec, tp, dataclasses.replace(cache, num_blocks=blocks)))
@@ -126,8 +131,8 @@ def _log(msg: str) -> None:
 # ---- rank processes ------------------------------------------------------------------------
 
 def prefill_worker(cfg: BenchConfig, rank: int, conn) -> None:
-    from pdbridge.transport.copies import run_copies
     from pdbridge.transport.chunks import layout_zones
+    from pdbridge.transport.copies import run_copies
     from pdbridge.transport.nixl import NixlTransport
     layout = _layouts(cfg)[0]
     regions = [np.full(r.nbytes, rank + 1, np.uint8) for r in layout.rank(rank).regions]
@@ -152,8 +157,8 @@ def prefill_worker(cfg: BenchConfig, rank: int, conn) -> None:
 
 
 def decode_worker(cfg: BenchConfig, rank: int, conn) -> None:
-    from pdbridge.transport.copies import run_copies
     from pdbridge.transport.chunks import layout_zones
+    from pdbridge.transport.copies import run_copies
     from pdbridge.transport.nixl import NixlTransport
     layout = _layouts(cfg)[1]
     regions = [np.zeros(r.nbytes, np.uint8) for r in layout.rank(rank).regions]
@@ -218,6 +223,19 @@ def _single(nbytes: int):
 # ---- driver --------------------------------------------------------------------------------
 
 def run_bench(cfg: BenchConfig) -> list[dict]:
+    """Our strategies against the single-read limit, and the per-(layer, block, segment)
+    baseline against its own limit. With layers interleaved the baseline runs on the
+    layout connectors use (one region per layer), in a second set of processes, since a
+    per-layer scheme over interleaved layers would be needlessly fragmented."""
+    if not cfg.layer_interleave:
+        return _rows(_run_phase(cfg, (LIMIT, PER_BLOCK, *cfg.strategies)), None)
+    ours = _run_phase(cfg, (LIMIT, *cfg.strategies))
+    base = _run_phase(dataclasses.replace(cfg, layer_interleave=False, strategies=()),
+                      (LIMIT, PER_BLOCK))
+    return _rows(ours, base)
+
+
+def _run_phase(cfg: BenchConfig, modes: tuple[str, ...]) -> dict[int, dict[str, dict]]:
     ctx = mp.get_context("spawn")
     procs, pconns, dconns = [], [], []
     try:
@@ -229,15 +247,12 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
                 conns.append(parent)
         for pr in procs:
             pr.start()
-        _log(f"started {cfg.prefill_tp} prefill and {cfg.decode_tp} decode processes")
+        _log(f"started {cfg.prefill_tp} prefill and {cfg.decode_tp} decode processes "
+             f"(layers {'interleaved' if cfg.layer_interleave else 'one region each'})")
         metadata = [_recv(c) for c in pconns]
         for c in dconns:
             c.send(metadata)
-        rows = []
-        for n in cfg.tokens:
-            rows += _rows(n, _measure_tokens(cfg, n, (LIMIT, PER_BLOCK, *cfg.strategies),
-                                             pconns, dconns))
-        return rows
+        return {n: _measure_tokens(cfg, n, modes, pconns, dconns) for n in cfg.tokens}
     finally:
         for c in pconns + dconns:
             try:
@@ -277,9 +292,11 @@ def _measure_tokens(cfg: BenchConfig, n: int, modes: tuple[str, ...], pconns, dc
     out = {}
     for m in modes:
         ratios = [lim / t for lim, t in zip(per_rep[LIMIT], per_rep[m])]
-        vs = [b / t for b, t in zip(per_rep[PER_BLOCK], per_rep[m])]
         out[m] = {**info[m], "time_s": statistics.median(per_rep[m]),
-                  "limit_ratio": statistics.median(ratios), "vs_per_block": statistics.median(vs)}
+                  "limit_ratio": statistics.median(ratios), "reps_s": per_rep[m]}
+        if PER_BLOCK in per_rep:
+            out[m]["vs_per_block"] = statistics.median(
+                b / t for b, t in zip(per_rep[PER_BLOCK], per_rep[m]))
         _log(f"tokens={n} {m}: {out[m]['time_s'] * 1e3:.2f} ms, "
              f"{out[m]['descriptors']} descriptors, {out[m]['limit_ratio']:.3f} of the limit")
     return out
@@ -292,8 +309,22 @@ def _recv(conn):
     return msg
 
 
-def _rows(n: int, results: dict[str, dict]) -> list[dict]:
-    return [{"tokens": n, "strategy": m, "descriptors": r["descriptors"], "indices": r["indices"],
-             "nbytes": r["nbytes"], "time_ms": r["time_s"] * 1e3,
-             "gb_per_s": r["nbytes"] / r["time_s"] / 1e9, "limit_ratio": r["limit_ratio"],
-             "vs_per_block": r["vs_per_block"]} for m, r in results.items()]
+def _rows(ours: dict[int, dict[str, dict]], base: dict[int, dict[str, dict]] | None) -> list[dict]:
+    """Table rows; with a separate baseline phase its per_block row joins ours, and each
+    strategy's `vs_per_block` is the ratio of median times across the two phases."""
+    rows = []
+    for n, results in ours.items():
+        results = dict(results)
+        if base is not None:
+            pb = base[n][PER_BLOCK]
+            results[PER_BLOCK] = {**pb, "vs_per_block": 1.0}
+            for m, r in results.items():
+                r.setdefault("vs_per_block", pb["time_s"] / r["time_s"])
+        order = [LIMIT, PER_BLOCK] + [m for m in results if m not in (LIMIT, PER_BLOCK)]
+        rows += [{"tokens": n, "strategy": m, "descriptors": results[m]["descriptors"],
+                  "indices": results[m]["indices"], "nbytes": results[m]["nbytes"],
+                  "time_ms": results[m]["time_s"] * 1e3,
+                  "gb_per_s": results[m]["nbytes"] / results[m]["time_s"] / 1e9,
+                  "limit_ratio": results[m]["limit_ratio"],
+                  "vs_per_block": results[m]["vs_per_block"]} for m in order if m in results]
+    return rows

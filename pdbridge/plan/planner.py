@@ -51,7 +51,7 @@ def plan_transfer(prefill_layout: EngineLayout, decode_layout: EngineLayout, dec
 
 def _build(strategy: Strategy, direct: DirectReads, prefill: EngineLayout,
            prefill_blocks: RequestBlocks, decode_rank: int) -> TransferPlan:
-    small, large = split_small(direct.state)
+    small, large = split_small(direct.state.coalesced())   # size runs as they will be read
     if strategy is Strategy.STAGING:
         rewrite = staging(small)
     elif strategy is Strategy.PERMUTE:

@@ -63,7 +63,8 @@ def staging(state: RunList) -> StateRewrite:
     np.minimum.at(start, page_of_run, state.src_offset)
     np.maximum.at(end, page_of_run, state.src_offset + state.nbytes)
     span = end - start                      # one read covering the page's runs
-    stage_base = _aligned_bases(span)
+    # Each span lands at the same offset modulo STAGE_ALIGN as it starts at on the source.
+    stage_base = _aligned_bases(span + start % STAGE_ALIGN) + start % STAGE_ALIGN
     first_group = np.full(len(pages), np.iinfo(_I32).max, _I32)
     np.minimum.at(first_group, page_of_run, state.group)
     reads = RunList(rank, region, start, np.full(len(pages), SCRATCH, _I32), stage_base, span,

@@ -9,6 +9,13 @@ Regions: one per attention tensor (paged by kernel block), one per state mixer h
 that mixer's state tensors for a block in one page (conv then ssm), as hybrid engines do.
 With page padding, block_tokens is derived so that an attention page holds at least a state
 page, and state pages are padded to the attention page.
+
+With `layer_interleave`, all layers whose tensors have the same shape share one region, and
+the layer index becomes an axis placed just inside the sharded dim: a rank's share of a segment is then one run across ALL layers (e.g. one SSM
+run and three conv runs per request instead of 4 per Mamba layer), so a transfer needs few,
+large descriptors (DESIGN.md section 2: descriptor count is decided by layout). Each layer's
+tensor is still an ordinary strided TensorLayout; nothing else needs to know. Page padding
+sets block_tokens as above, but stacked state regions keep their natural page.
 """
 from __future__ import annotations
 
@@ -42,6 +49,7 @@ class CacheConfig:
     dtype: str | None = None                # None: the model's dtype (KV and conv)
     ssm_dtype: str | None = None            # None: the model's ssm dtype (fp32 by default)
     page_padding: bool = False
+    layer_interleave: bool = False          # one region per tensor shape, layers interleaved
 
     def __post_init__(self):
         # Accept the enums' string values at the edge, keep enums inside.
@@ -269,6 +277,8 @@ class EngineLayout:
         return self._ranks[r]
 
     def _build_rank(self, r: int) -> RankLayout:
+        if self.cache.layer_interleave:
+            return self._build_rank_interleaved(r)
         t, regions, tensors = self.tp_size, [], []
         m, kbt = self.kernel_blocks_per_block, self.kernel_block_tokens
         for g in self.tensor_groups:
@@ -285,6 +295,34 @@ class EngineLayout:
                 tensors.append(_tensor_layout(tensor, t, r, idx, base, self.num_blocks, 0, page))
             kind = "state" if len(g) > 1 else g[0].name
             regions.append(Region(f"L{g[0].layer}.{kind}", g[0].layer, page * self.num_blocks))
+        return RankLayout(r, tuple(regions), tuple(tensors))
+
+    def _build_rank_interleaved(self, r: int) -> RankLayout:
+        """One region per distinct tensor-group shape; layer l of L at layer index l."""
+        t, m, kbt = self.tp_size, self.kernel_blocks_per_block, self.kernel_block_tokens
+        stacks: dict[tuple, list[list[StateTensor]]] = {}
+        for g in self.tensor_groups:
+            stacks.setdefault(_signature(g), []).append(g)
+        regions, tensors = [], []
+        for groups in stacks.values():
+            idx, n = len(regions), len(groups)
+            first, last = groups[0][0].layer, groups[-1][0].layer
+            if groups[0][0].paged:
+                for i, g in enumerate(groups):
+                    tensors.append(_tensor_layout(g[0], t, r, idx, 0, self.num_blocks * m, kbt,
+                                                  None, layers=(n, i)))
+                nbytes = tensors[-1].block_nbytes * n * self.num_blocks * m
+                name = groups[0][0].name
+            else:
+                bases, page = _page_bases(groups[0], t, r, layers=n)
+                for i, g in enumerate(groups):
+                    for tensor, base in zip(g, bases):
+                        tensors.append(_tensor_layout(tensor, t, r, idx, base, self.num_blocks, 0,
+                                                      page, layers=(n, i)))
+                nbytes = page * self.num_blocks
+                name = "state" if len(groups[0]) > 1 else groups[0][0].name
+            regions.append(Region(f"L{first}-{last}x{n}.{name}", first, nbytes,
+                                  paged=groups[0][0].paged))
         return RankLayout(r, tuple(regions), tuple(tensors))
 
     # ---- scalar offsets (the reference planner and tests use these) -----------------
@@ -409,25 +447,47 @@ def _align(n: int) -> int:
     return -(-n // TENSOR_ALIGN) * TENSOR_ALIGN
 
 
-def _page_bases(group: list[StateTensor], tp: int, r: int) -> tuple[list[int], int]:
-    """Byte base of each state tensor within one page, and the natural page size."""
+def _page_bases(group: list[StateTensor], tp: int, r: int, layers: int = 1) -> tuple[list[int], int]:
+    """Byte base of each state tensor within one page (holding `layers` layers of each), and
+    the natural page size."""
     bases, off = [], 0
     for t in group:
         off = _align(off)
         bases.append(off)
-        off += _elements(t, tp, r, {BLOCK: 1}) * DTYPE_BYTES[t.dtype]
+        off += layers * _elements(t, tp, r, {BLOCK: 1}) * DTYPE_BYTES[t.dtype]
     return bases, _align(off)
 
 
+def _signature(group: list[StateTensor]) -> tuple:
+    """What must match for layers to share an interleaved region."""
+    return tuple((t.name, t.dims, t.segments, t.dtype, t.paged) for t in group)
+
+
+def _layer_axis_position(t: StateTensor) -> int:
+    """Where the layer axis goes: just inside the sharded dim, so that a rank's units of a
+    segment are adjacent across layers (outside the block dim of heads-across-blocks KV, so
+    one layer's blocks stay adjacent)."""
+    return t.dim_index(t.sharded_dim) + 1
+
+
 def _tensor_layout(t: StateTensor, tp: int, r: int, region: int, base: int, num_blocks: int,
-                   kernel_tokens: int, page_nbytes: int | None) -> TensorLayout:
-    """Row-major strides over t.dims; a state tensor's block stride is the page size."""
+                   kernel_tokens: int, page_nbytes: int | None,
+                   layers: tuple[int, int] = (1, 0)) -> TensorLayout:
+    """Row-major strides over t.dims; a state tensor's block stride is the page size.
+
+    `layers` = (count, index): the region interleaves `count` layers along an extra axis
+    (see _layer_axis_position); this tensor is layer `index` of them.
+    """
     itemsize = DTYPE_BYTES[t.dtype]
     extents = _extents(t, tp, r, {BLOCK: num_blocks, TOKEN: kernel_tokens})
-    strides, acc = [0] * len(extents), itemsize
-    for i in reversed(range(len(extents))):
+    num_layers, layer = layers
+    at = _layer_axis_position(t)
+    full = extents[:at] + [num_layers] + extents[at:]
+    strides, acc = [0] * len(full), itemsize
+    for i in reversed(range(len(full))):
         strides[i] = acc
-        acc *= extents[i]
+        acc *= full[i]
+    base += layer * strides.pop(at)
     if page_nbytes is not None:
         strides[t.dim_index(BLOCK)] = page_nbytes
     units = _local_units(t, tp, r)

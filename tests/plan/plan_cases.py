@@ -93,7 +93,8 @@ def cache_configs(draw, kv_packed: bool):
     return CacheConfig(num_blocks=1, block_tokens=bt, kernel_block_tokens=kbt,
                        conv_layout=draw(st.sampled_from(list(ConvLayout))),
                        attn_layout=draw(st.sampled_from(list(AttnLayout))),
-                       kv_packed=kv_packed, page_padding=padding)
+                       kv_packed=kv_packed, page_padding=padding,
+                       layer_interleave=draw(st.booleans()))
 
 
 @st.composite

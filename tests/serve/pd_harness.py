@@ -56,11 +56,12 @@ def monolithic(model_dir, prompts, max_tokens: int) -> list[list[int]]:
 
 def run_pd(model_dir, prefill_tp: int, decode_tps: list[int], strategies: list[str],
            prompts, max_tokens: int, prefill_conv: str = "DS", decode_conv: str = "DS",
-           transport: str = "nixl"):
+           transport: str = "nixl", prefill_interleave: bool = False):
     """Each strategy runs every prompt through P -> (each decode engine in turn); returns
     {(decode_tp, strategy): [token ids per prompt routed there]} and the prefill node's
     count of requests still holding blocks afterwards."""
-    pre = PrefillNode(model_dir, prefill_tp, cache(prefill_conv), transport=transport)
+    pre = PrefillNode(model_dir, prefill_tp, cache(prefill_conv, layer_interleave=prefill_interleave),
+                      transport=transport)
     decs = []
     try:
         decs = [DecodeNode(model_dir, d, cache(decode_conv), transport=transport)

@@ -23,10 +23,10 @@ def granite_dir(tmp_path_factory):
 
 
 def check(model_dir, prefill_tp, decode_tps, strategies, prefill_conv="DS", decode_conv="DS",
-          prompts=PROMPTS):
+          prompts=PROMPTS, prefill_interleave=False):
     want = monolithic(model_dir, prompts, MAX_TOKENS)
     got, held = run_pd(model_dir, prefill_tp, decode_tps, strategies, prompts, MAX_TOKENS,
-                       prefill_conv, decode_conv)
+                       prefill_conv, decode_conv, prefill_interleave=prefill_interleave)
     assert held == 0, "the prefill engine still holds blocks of finished transfers"
     assert set(got) == {(d, s) for d in decode_tps for s in strategies}
     for (d, s), outs in got.items():
@@ -36,8 +36,9 @@ def check(model_dir, prefill_tp, decode_tps, strategies, prefill_conv="DS", deco
 
 
 def test_one_prefill_feeds_decode_tp_1_and_4(default_dir):
-    """P=2 feeding D=1 and D=4 at the same time, every strategy (embedded model: n_groups 2)."""
-    check(default_dir, 2, [1, 4], STRATEGIES)
+    """P=2 feeding D=1 and D=4 at the same time, every strategy (embedded model: n_groups 2);
+    the prefill engine interleaves layers in its regions, the decode engines do not."""
+    check(default_dir, 2, [1, 4], STRATEGIES, prefill_interleave=True)
 
 
 def test_uneven_tp_pairs_and_mixed_conv_layouts(default_dir):
@@ -60,7 +61,8 @@ PAIRS = sorted(set(itertools.product([1, 2, 4], [1, 2, 4])) | {(3, 2), (2, 3)})
 @pytest.mark.parametrize("prefill_tp", [1, 2, 3, 4])
 def test_full_sweep_default_model(default_dir, prefill_tp, conv):
     decode_tps = [d for p, d in PAIRS if p == prefill_tp]
-    check(default_dir, prefill_tp, decode_tps, STRATEGIES, conv, conv)
+    check(default_dir, prefill_tp, decode_tps, STRATEGIES, conv, conv,
+          prefill_interleave=conv == "SD")
 
 
 @pytest.mark.slow

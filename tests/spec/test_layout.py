@@ -91,12 +91,12 @@ TINY = dict(model_type="falcon_h1", hidden_size=16, num_hidden_layers=2, num_att
 @settings(max_examples=40, deadline=None)
 @given(tp=st.sampled_from([1, 2, 3, 6]), conv=st.sampled_from(list(ConvLayout)),
        attn=st.sampled_from(list(AttnLayout)), packed=st.booleans(), padding=st.booleans(),
-       kbt=st.sampled_from([1, 2, 4]))
-def test_offsets_are_distinct_and_inside_regions(tp, conv, attn, packed, padding, kbt):
+       kbt=st.sampled_from([1, 2, 4]), interleave=st.booleans())
+def test_offsets_are_distinct_and_inside_regions(tp, conv, attn, packed, padding, kbt, interleave):
     """Every element of every rank has its own bytes inside its region (no overlaps)."""
     layout = EngineLayout(load_model_spec(TINY), tp, CacheConfig(
         num_blocks=2, block_tokens=4, kernel_block_tokens=kbt, conv_layout=conv,
-        attn_layout=attn, kv_packed=packed, page_padding=False))
+        attn_layout=attn, kv_packed=packed, page_padding=False, layer_interleave=interleave))
     for r in range(tp):
         rank = layout.rank(r)
         seen = set()
@@ -120,3 +120,19 @@ def test_unheld_unit_has_no_offset():
     layout = EngineLayout(get_preset("nemotron-h-8b"), 4)
     assert layout.offset(1, 0, "conv", 0, "x", 0) is None
     assert layout.offset(1, 0, "conv", 0, "x", 2048) is not None
+
+
+def test_layer_interleave_makes_one_run_per_segment_across_layers():
+    """nemotron-h-8b, TP 1 -> 4: with layers interleaved a decode rank's SSM heads of all 24
+    Mamba layers are one contiguous run on both sides (and each conv segment one run)."""
+    from pdbridge.plan import RequestBlocks, plan_transfer
+    spec = get_preset("nemotron-h-8b")
+    cfg = CacheConfig(num_blocks=2, layer_interleave=True, attn_layout="heads_across_blocks")
+    p, d = EngineLayout(spec, 1, cfg), EngineLayout(spec, 4, cfg)
+    assert sum(not r.paged for r in p.rank(0).regions) == 1
+    blocks = RequestBlocks(16, (0,), 1)
+    plan = plan_transfer(p, d, 2, blocks, blocks, "direct")
+    assert plan.total_nbytes == plan.minimal_nbytes
+    # 3 conv segments + 1 SSM run; KV: per (K/V, kv head, layer) the request's block (the
+    # pool's other block lies between two layers' rows).
+    assert plan.num_descriptors == 3 + 1 + 2 * 2 * 4
