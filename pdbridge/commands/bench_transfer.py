@@ -26,7 +26,6 @@ import numpy as np
 
 from pdbridge.plan import SCRATCH, RequestBlocks, Strategy, TransferPlan, plan_transfer
 from pdbridge.plan.direct_reads import direct_reads
-from pdbridge.plan.run_list import RunList
 from pdbridge.spec import BLOCK, CacheConfig, EngineLayout, get_preset
 
 TIMEOUT_S = 120.0
@@ -158,7 +157,6 @@ def prefill_worker(cfg: BenchConfig, rank: int, conn) -> None:
 
 def decode_worker(cfg: BenchConfig, rank: int, conn) -> None:
     from pdbridge.transport.chunks import layout_zones
-    from pdbridge.transport.copies import run_copies
     from pdbridge.transport.nixl import NixlTransport
     layout = _layouts(cfg)[1]
     regions = [np.zeros(r.nbytes, np.uint8) for r in layout.rank(rank).regions]

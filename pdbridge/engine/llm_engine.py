@@ -21,7 +21,7 @@ from pdbridge.plan.transfer_plan import RequestBlocks
 from pdbridge.spec import CacheConfig, EngineLayout
 
 from .block_pool import BlockPool
-from .messages import Describe, RankInfo, Shutdown, Step, WorkerCall, encode
+from .messages import Describe, Shutdown, Step, WorkerCall, encode
 from .model_loader import default_model_dir, eos_token_ids, load_model_shard
 from .rank_group import RankGroup
 from .request import FinishReason, Request, RequestStatus, SamplingParams

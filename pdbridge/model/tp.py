@@ -12,7 +12,7 @@ import re
 
 import torch
 
-from pdbridge.spec import FfnKind, MixerKind, ModelSpec
+from pdbridge.spec import MixerKind, ModelSpec
 
 from .shard import AttentionShard, Mamba2Shard, attention_shard, mamba2_shard, split_units
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 import itertools
 import time
 
-import msgspec
-
 from pdbridge.engine.llm_engine import Engine, RequestHandle
 from pdbridge.engine.pd_calls import ForgetRequest, PDSetup, PollNotifications, PreparePermute
 from pdbridge.spec import CacheConfig, EngineLayout

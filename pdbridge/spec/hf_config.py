@@ -10,7 +10,7 @@ import os
 from typing import Any, Callable, Mapping
 
 from .model_spec import (AttentionSpec, FfnKind, GatedDeltaNetSpec, LayerSpec, Mamba1Spec,
-                         Mamba2Spec, MixerSpec, ModelSpec, ShortConvSpec)
+                         Mamba2Spec, ModelSpec, ShortConvSpec)
 
 Config = Mapping[str, Any]
 

@@ -9,7 +9,7 @@ import enum
 
 from .model_spec import (AttentionSpec, GatedDeltaNetSpec, Mamba1Spec, Mamba2Spec, MixerSpec,
                          ModelSpec, ShortConvSpec)
-from .sharding import (BLOCK, REPLICATE_WHEN_FEWER, SPLIT, TOKEN, Dim, Segment, StateTensor,
+from .sharding import (BLOCK, SPLIT, TOKEN, Dim, Segment, StateTensor,
                        groups_of_heads, split_by)
 
 

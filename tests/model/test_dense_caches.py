@@ -1,6 +1,5 @@
 """DenseCaches shapes agree with EngineLayout (the one source of truth); ForwardBatch checks."""
 import pytest
-import torch
 
 from hf_tiny import UNUSUAL
 from pdbridge.model import DenseCaches, ForwardBatch

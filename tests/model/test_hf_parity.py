@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from hf_tiny import ARCHS, PROMPT, hf_greedy, hf_prompt, prefill_states
-from pdbridge.model import DenseCaches, greedy, load_model
+from hf_tiny import ARCHS, PROMPT, assert_greedy_matches_hf, hf_prompt, prefill_states
+from pdbridge.model import load_model
 
 
 @pytest.mark.parametrize("name", [*ARCHS, "unusual"])
@@ -23,12 +23,7 @@ def test_prompt_logits_and_states_match_hf(tiny, name):
 
 @pytest.mark.parametrize("name", [*ARCHS, "unusual"])
 def test_greedy_tokens_match_hf_generate(tiny, name):
-    d, hf = tiny[name]
-    ours = load_model(d)
-    caches = DenseCaches(ours.spec, num_blocks=8, block_tokens=4, kernel_block_tokens=2)
-    tokens = greedy(ours, caches, PROMPT, 16)
-    assert tokens == hf_greedy(hf, PROMPT, 16)
-    assert len(set(tokens)) > 3, "a degenerate test model would prove little"
+    assert_greedy_matches_hf(*tiny[name])
 
 
 def test_short_prompt_zero_pads_conv_state(tiny):

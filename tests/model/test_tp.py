@@ -1,13 +1,10 @@
 """The same model at TP = 2, 3, 4 against TP = 1: greedy tokens, and every rank's states equal
 the TP=1 states cut by the ShardRules (conv channels [x_local | B_local | C_local], SSM heads)."""
 import pytest
-import torch
 
-from hf_tiny import ARCHS, PROMPT, tp_job
+from hf_tiny import PROMPT, assert_rank_states_match, tp_job
 from pdbridge.model import SingleComm
-from pdbridge.model.shard import mamba2_shard
-from pdbridge.model.tp import mamba_rows
-from pdbridge.spec import MixerKind, load_model_spec
+from pdbridge.spec import load_model_spec
 from tp_runner import run_tp
 
 N_NEW = 12
@@ -26,12 +23,7 @@ def _check(dirs, reference, results, size):
         for rank, res in enumerate(results):
             tokens, states = res[name]
             assert tokens == ref_tokens, f"{name} TP={size} rank {rank}"
-            for layer, (conv, ssm) in states.items():
-                m = spec.layers[layer].mixer(MixerKind.MAMBA2)
-                rows = mamba_rows(mamba2_shard(m, size, rank))
-                ref_conv, ref_ssm = ref_states[layer]
-                torch.testing.assert_close(conv, ref_conv[rows["conv"]], atol=1e-5, rtol=1e-5)
-                torch.testing.assert_close(ssm, ref_ssm[rows["heads"]], atol=1e-5, rtol=1e-5)
+            assert_rank_states_match(spec, size, rank, states, ref_states)
 
 
 @pytest.mark.parametrize("size", [2, 4])
