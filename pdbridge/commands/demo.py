@@ -41,6 +41,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--attn-layout", default="heads_across_blocks",
                         choices=("heads_outer", "tokens_outer", "heads_across_blocks"),
                         help="attention KV layout (default heads_across_blocks)")
+    parser.add_argument("--layer-interleave", action="store_true",
+                        help="prefill engine keeps one cache region per tensor shape with "
+                             "layers interleaved (fewer, larger reads); decode keeps one per layer")
     parser.add_argument("--transport", default="nixl", choices=("nixl", "local"),
                         help="nixl (default); local needs every engine at TP=1")
     parser.add_argument("--requests", type=int, default=4, metavar="N", help="default 4")
@@ -81,7 +84,8 @@ def run(args) -> int:
     prompts, tokenizer = _prompts(args.model, model, args.requests)
     blocks = args.requests * (-(-(max(map(len, prompts)) + args.max_tokens) // 16) + 2) + 4
     cache = dict(num_blocks=blocks, attn_layout=args.attn_layout)
-    pre_cache = CacheConfig(conv_layout=args.prefill_conv_layout or args.conv_layout, **cache)
+    pre_cache = CacheConfig(conv_layout=args.prefill_conv_layout or args.conv_layout,
+                            layer_interleave=args.layer_interleave, **cache)
     dec_cache = CacheConfig(conv_layout=args.conv_layout, **cache)
     try:                        # refuse impossible TP sizes before starting any process
         from pdbridge.spec import EngineLayout

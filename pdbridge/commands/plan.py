@@ -21,6 +21,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strategy", choices=STRATEGIES, default="direct")
     parser.add_argument("--conv-layout", choices=("SD", "DS"), default="DS")
     parser.add_argument("--attn-layout", choices=ATTN_LAYOUTS, default="heads_outer")
+    parser.add_argument("--layer-interleave", action="store_true",
+                        help="one cache region per tensor shape with layers interleaved "
+                             "(a rank's share of a segment is one run across all layers)")
+    parser.add_argument("--page-padding", action="store_true",
+                        help="pad state and attention pages to one size, deriving block "
+                             "tokens from it, as hybrid engines do")
     parser.add_argument("--tokens", type=int, default=4096, help="prompt tokens transferred")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--list-models", action="store_true", help="list the model presets")
@@ -52,7 +58,8 @@ def _layouts(args):
     if args.tokens < 1:
         raise ValueError(f"--tokens must be >= 1, got {args.tokens}")
     spec = resolve_model(args.model)
-    cache = dict(conv_layout=args.conv_layout, attn_layout=args.attn_layout)
+    cache = dict(conv_layout=args.conv_layout, attn_layout=args.attn_layout,
+                 layer_interleave=args.layer_interleave, page_padding=args.page_padding)
     out = []
     for tp in (args.prefill_tp, args.decode_tp):
         probe = EngineLayout(spec, tp, CacheConfig(num_blocks=1, **cache))
