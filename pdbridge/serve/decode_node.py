@@ -14,6 +14,7 @@ from pdbridge.engine.llm_engine import Engine, RequestHandle
 from pdbridge.engine.pd_calls import PDSetup, Pull, PullResult
 from pdbridge.engine.request import SamplingParams
 from pdbridge.plan import Strategy, parse_strategy
+from pdbridge.plan.strategies import STAGE_ALIGN
 from pdbridge.spec import CacheConfig, EngineLayout
 
 from .transfer_params import TransferParams
@@ -107,8 +108,11 @@ class DecodeNode:
         self.engine.close()
 
 
-def default_staging_nbytes(layout: EngineLayout) -> int:
-    """Room for whole source pages (staging) or a permuted copy: twice the model's whole
-    per-request state at TP=1, which bounds what one decode rank reads for one request."""
+def default_staging_nbytes(layout: EngineLayout, max_sources: int = 8) -> int:
+    """Room for whole source spans (staging) or a permuted copy: twice the model's whole
+    per-request state at TP=1, which bounds the bytes one decode rank stages for one request,
+    plus the alignment padding of one piece per (source rank, state region)."""
     single = EngineLayout(layout.model, 1, layout.cache)
-    return max(1 << 20, 2 * single.rank(0).state_nbytes_per_request(single.num_blocks))
+    state = single.rank(0).state_nbytes_per_request(single.num_blocks)
+    pieces = max_sources * sum(not r.paged for r in single.rank(0).regions)
+    return max(1 << 20, 2 * state + pieces * STAGE_ALIGN)
