@@ -34,11 +34,8 @@ class RankSnapshot(msgspec.Struct):
 
 
 def snapshot(caches, call: Snapshot) -> RankSnapshot:
-    layout = caches.layout
-    bt, kbt = layout.block_tokens, layout.kernel_block_tokens
-    t = np.arange(call.num_tokens)
-    kblock = np.asarray(call.attn_blocks, np.int64)[t // bt] * (bt // kbt) + (t % bt) // kbt
-    kb, kt = torch.from_numpy(kblock), torch.from_numpy(t % kbt)
+    kblock, row = caches.layout.token_slots(call.attn_blocks, call.num_tokens)
+    kb, kt = torch.from_numpy(kblock), torch.from_numpy(row)
     out = {}
     for tl in caches.rank_layout.tensors:
         view = caches.view(*tl.key)

@@ -54,11 +54,8 @@ class _TokenOffsets:
     the (block stride, token stride) pair that decides it."""
 
     def __init__(self, layout: EngineLayout, blocks: RequestBlocks):
-        n, bt, kbt = blocks.num_tokens, layout.block_tokens, layout.kernel_block_tokens
-        t = np.arange(n, dtype=np.int64)
-        table = np.asarray(used_attn_blocks(layout, blocks) or (0,), dtype=np.int64)
-        self.kernel_block = table[t // bt] * layout.kernel_blocks_per_block + (t % bt) // kbt
-        self.kernel_token = t % kbt
+        self.kernel_block, self.kernel_token = layout.token_slots(
+            used_attn_blocks(layout, blocks), blocks.num_tokens)
         self.state_block = blocks.state_block
         self._cache: dict[tuple[int, int], np.ndarray] = {}
 

@@ -325,6 +325,15 @@ class EngineLayout:
                                   paged=groups[0][0].paged))
         return RankLayout(r, tuple(regions), tuple(tensors))
 
+    def token_slots(self, attn_blocks, num_tokens: int):
+        """(kernel block, row in it) of tokens 0..num_tokens-1 of a request whose logical
+        attention blocks are `attn_blocks`: int64 numpy arrays (the vector form of `offset`)."""
+        import numpy as np      # deferred: spec stays import-light
+        t = np.arange(num_tokens, dtype=np.int64)
+        table = np.asarray(attn_blocks if len(attn_blocks) else (0,), dtype=np.int64)
+        bt, kbt = self.block_tokens, self.kernel_block_tokens
+        return table[t // bt] * self.kernel_blocks_per_block + (t % bt) // kbt, t % kbt
+
     # ---- scalar offsets (the reference planner and tests use these) -----------------
 
     def offset(self, rank: int, layer: int, tensor: str, block: int, segment: str, unit: int,
