@@ -10,6 +10,7 @@ from torch import nn
 
 from .arch import Rope
 from .batch import ForwardBatch
+from .precision import upcast
 from .rope import apply_rope
 from .shard import AttentionShard
 
@@ -79,5 +80,5 @@ class Attention(nn.Module):
         dev = q.device
         causal = torch.arange(s, device=dev)[None, :] <= (torch.arange(n, device=dev)[:, None] + ctx)
         scores = scores.masked_fill(~causal, float("-inf"))
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        probs = torch.softmax(upcast(scores), dim=-1).to(q.dtype)
         return torch.einsum("hqs,shd->qhd", probs, v)

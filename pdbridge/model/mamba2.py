@@ -17,6 +17,7 @@ from .arch import ArchConfig
 from .batch import ForwardBatch
 from .mlp import activation
 from .norm import GatedRMSNorm
+from .precision import upcast
 from .shard import Mamba2Shard
 
 
@@ -80,20 +81,20 @@ class Mamba2(nn.Module):
         sh, m = self.shard, self.shard.spec
         n, hl, p, ns = xbc.shape[0], sh.num_heads, m.head_dim, m.d_state
         x, bmat, cmat = xbc.split([sh.intermediate, sh.num_groups * ns, sh.num_groups * ns], -1)
-        x = x.float().view(n, hl, p)
-        bmat = bmat.float().view(n, sh.num_groups, ns)[:, self.group_of_head]   # (n, H_l, N)
-        cmat = cmat.float().view(n, sh.num_groups, ns)[:, self.group_of_head]
-        dt = F.softplus(dt_raw.float() + self.dt_bias.float())
+        x = upcast(x).view(n, hl, p)
+        bmat = upcast(bmat).view(n, sh.num_groups, ns)[:, self.group_of_head]   # (n, H_l, N)
+        cmat = upcast(cmat).view(n, sh.num_groups, ns)[:, self.group_of_head]
+        dt = F.softplus(upcast(dt_raw) + upcast(self.dt_bias))
         # HF clamps dt to the limit in prefill only; we clamp always (identical unless it fires).
         if self.dt_min > 0.0 or not math.isinf(self.dt_max):
             dt = dt.clamp(self.dt_min, self.dt_max)
-        a = -torch.exp(self.A_log.float())                                   # (H_l,)
-        state = ssm_cache[slot].float()                                      # (H_l, P, N)
+        a = -torch.exp(upcast(self.A_log))                                   # (H_l,)
+        state = ssm_cache[slot].to(x.dtype)                                  # (H_l, P, N)
         ys = []
         for j in range(n):
             decay = torch.exp(dt[j] * a)[:, None, None]
             state = state * decay + (dt[j][:, None] * x[j])[..., None] * bmat[j][:, None, :]
             ys.append(state @ cmat[j][:, :, None])                           # (H_l, P, 1)
         ssm_cache[slot].copy_(state.to(ssm_cache.dtype))
-        y = torch.stack(ys).squeeze(-1) + self.D.float()[None, :, None] * x
+        y = torch.stack(ys).squeeze(-1) + upcast(self.D)[None, :, None] * x
         return y.reshape(n, hl * p).to(xbc.dtype)

@@ -16,6 +16,7 @@ from .arch import ArchConfig
 from .batch import ForwardBatch
 from .block import Block
 from .norm import RMSNorm
+from .precision import upcast
 from .zamba2 import build_zamba2_layers
 
 
@@ -44,4 +45,4 @@ class HybridModel(nn.Module):
         if not all_logits:
             h = h[batch.last_token_index()]
         h = self.final_norm(h)
-        return self.lm_head(h).float() * self.arch.logits_multiplier
+        return upcast(self.lm_head(h)) * self.arch.logits_multiplier

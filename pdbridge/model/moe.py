@@ -14,6 +14,7 @@ from torch import nn
 
 from .arch import MoeConfig
 from .mlp import MLP, activation
+from .precision import upcast
 
 
 class MoE(nn.Module):
@@ -32,12 +33,12 @@ class MoE(nn.Module):
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (top_k_index, top_k_weight), each (T, k)."""
         cfg = self.cfg
-        logits = F.linear(x.float(), self.router_weight.float())               # (T, E)
+        logits = F.linear(upcast(x), upcast(self.router_weight))               # (T, E)
         if cfg.router == "softmax_topk":
             top, idx = logits.topk(cfg.top_k, dim=-1)
             return idx, torch.softmax(top, dim=-1).to(x.dtype)
         scores = logits.sigmoid()
-        choice = scores + self.router_bias.float()
+        choice = scores + upcast(self.router_bias)
         t, e, g = x.shape[0], cfg.num_experts, cfg.n_group
         group_scores = choice.view(t, g, e // g).topk(min(2, e // g), dim=-1)[0].sum(-1)
         keep = torch.zeros_like(group_scores)

@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .precision import upcast
+
 
 class RMSNorm(nn.Module):
     def __init__(self, hidden: int, eps: float):
@@ -13,9 +15,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:      # (T, D)
-        xf = x.float()
+        xf = upcast(x)
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * xf).to(x.dtype)
+        return (upcast(self.weight) * xf).to(x.dtype)
 
 
 class GatedRMSNorm(nn.Module):
@@ -38,8 +40,8 @@ class GatedRMSNorm(nn.Module):
         self.register_buffer("group_of_channel", groups, persistent=False)   # global group ids
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:   # (T, I_local) each
-        v = y.float()
-        gate = F.silu(z.float())
+        v = upcast(y)
+        gate = F.silu(upcast(z))
         if not self.norm_before_gate:
             v = v * gate
         sums = torch.zeros(v.shape[0], self.n_groups, dtype=v.dtype, device=v.device)
@@ -48,7 +50,7 @@ class GatedRMSNorm(nn.Module):
             self.comm.all_reduce_(sums)
         var = sums / self.group_size
         v = v * torch.rsqrt(var[:, self.group_of_channel] + self.eps)
-        v = self.weight.float() * v
+        v = upcast(self.weight) * v
         if self.norm_before_gate:
             v = v * gate
         return v.to(y.dtype)

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from hf_tiny import ARCHS, PROMPT, assert_greedy_matches_hf, hf_prompt, prefill_states
+from numerics import HF_ULPS, assert_close
 from pdbridge.model import load_model
 
 
@@ -12,13 +13,13 @@ def test_prompt_logits_and_states_match_hf(tiny, name):
     ours = load_model(d)
     ref_logits, pkv = hf_prompt(hf, PROMPT)
     logits, states = prefill_states(ours, PROMPT)
-    assert (logits - ref_logits).abs().max().item() < 1e-4
+    assert_close(logits, ref_logits, ulps=HF_ULPS, what="prompt logits")
     assert states, "every tiny model has Mamba2 layers"
     for layer, (conv, ssm) in states.items():
         hf_conv = pkv.get_conv_state(layer, state_idx=0)[0]        # (C, K): one redundant column
         hf_ssm = pkv.get_recurrent_state(layer, state_idx=0)[0]    # (H, P, N)
-        torch.testing.assert_close(conv, hf_conv[:, 1:], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(ssm, hf_ssm.float(), atol=1e-4, rtol=1e-4)
+        assert_close(conv, hf_conv[:, 1:], ulps=HF_ULPS, what=f"layer {layer} conv state")
+        assert_close(ssm, hf_ssm.float(), ulps=HF_ULPS, what=f"layer {layer} SSM state")
 
 
 @pytest.mark.parametrize("name", [*ARCHS, "unusual"])
@@ -32,7 +33,8 @@ def test_short_prompt_zero_pads_conv_state(tiny):
     _, pkv = hf_prompt(hf, PROMPT[:2])
     _, states = prefill_states(ours, PROMPT[:2])
     conv, _ = states[0]
-    torch.testing.assert_close(conv, pkv.get_conv_state(0, state_idx=0)[0][:, 1:])
+    assert_close(conv, pkv.get_conv_state(0, state_idx=0)[0][:, 1:], ulps=HF_ULPS,
+                 what="conv state")
     assert torch.all(conv[:, 0] == 0), "K-1 = 3 state columns, 2 tokens: the oldest is padding"
 
 
@@ -44,4 +46,4 @@ def test_falcon_h1_norm_variants(tmp_path, over):
     ours = load_model(save(hf, tmp_path / "f"))
     ref_logits, _ = hf_prompt(hf, PROMPT)
     logits, _ = prefill_states(ours, PROMPT)
-    assert (logits - ref_logits).abs().max().item() < 1e-4
+    assert_close(logits, ref_logits, ulps=HF_ULPS, what="prompt logits")
