@@ -64,7 +64,10 @@ class PollNotifications(WorkerCall):
 class Notifications(msgspec.Struct):
     rank: int
     messages: list[bytes]
-    received: list[float]       # time.monotonic() at arrival, per message (one host's clock)
+    # Per message, seconds it had waited here when this batch was made: a duration on this
+    # rank's clock, which the receiver places on its own clock (instants would tie both sides
+    # to one clock, and tests to real time).
+    ages_s: list[float]
 
 
 class Pull(WorkerCall):

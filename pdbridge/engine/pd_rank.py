@@ -98,7 +98,8 @@ class PDRank:
     def poll_notifications(self, call: PollNotifications) -> Notifications:
         with self._lock:
             out, self._inbox = self._inbox, []
-        return Notifications(self.rank, [m for _, m in out], [t for t, _ in out])
+        now = time.monotonic()
+        return Notifications(self.rank, [m for _, m in out], [now - t for t, _ in out])
 
     def prepare_permute(self, call: PreparePermute) -> ScratchBases:
         """Gather, for every decode rank whose plan permutes, its bytes from this rank."""

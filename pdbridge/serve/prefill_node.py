@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from typing import Callable
 
 from pdbridge.engine.llm_engine import Engine, RequestHandle
 from pdbridge.engine.pd_calls import ForgetRequest, PDSetup, PollNotifications, PreparePermute
@@ -23,7 +24,9 @@ _ENGINE_IDS = itertools.count()
 class PrefillNode:
     def __init__(self, model_dir: str | None, tp_size: int, cache_config: CacheConfig, *,
                  transport: str = "nixl", engine_id: str | None = None, lease_s: float = 30.0,
-                 scratch_nbytes: int | None = None, timeout_s: float = 60.0):
+                 scratch_nbytes: int | None = None, timeout_s: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.clock = clock                  # lease times: tests drive a fake clock
         self.engine_id = engine_id or f"prefill{next(_ENGINE_IDS)}"
         self.engine = Engine(model_dir, tp_size, cache_config, timeout_s=timeout_s)
         self.layout: EngineLayout = self.engine.layout
@@ -41,8 +44,7 @@ class PrefillNode:
                              "the last one computed by the decode engine)")
         handle = self.engine.prefill_for_transfer(prompt_ids)
         rid = f"{self.engine_id}:{handle.request_id}"
-        now = time.monotonic()
-        self.leases.register(rid, handle, now)
+        self.leases.register(rid, handle, self.clock())
         b = handle.blocks
         return TransferParams(self.engine_id, rid, b.num_tokens, (b.num_tokens, b.attn_blocks,
                               b.state_block), self._layout_dict, self.endpoints,
@@ -62,8 +64,11 @@ class PrefillNode:
 
     def poll(self) -> list[Release[RequestHandle]]:
         """Apply the decode ranks' notifications and lease expiries; free released blocks."""
-        arrived = sorted((t, blob) for batch in self.engine.call(PollNotifications())
-                         for t, blob in zip(batch.received, batch.messages))
+        # Taken before the ranks answer, `now - age` is never later than the real arrival: a
+        # renewal that arrived in time is never mistaken for a late one.
+        now = self.clock()
+        arrived = sorted((now - age, blob) for batch in self.engine.call(PollNotifications())
+                         for age, blob in zip(batch.ages_s, batch.messages))
         for t, blob in arrived:             # in arrival order, each at its arrival time
             try:
                 msg = decode(blob)
@@ -71,7 +76,7 @@ class PrefillNode:
                 continue                        # a malformed notification frees nothing
             if isinstance(msg, (ReadDone, LeaseRenew)):
                 self._account(self.leases.apply(msg, t))
-        for rel in self.leases.expire(time.monotonic()):
+        for rel in self.leases.expire(now):
             self._account(rel)
         return self.released
 

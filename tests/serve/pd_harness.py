@@ -2,6 +2,8 @@
 monolithic engine."""
 from __future__ import annotations
 
+import time
+
 import torch
 
 from pdbridge.engine.llm_engine import Engine
@@ -87,3 +89,25 @@ def hf_arch_dir(arch: str, path) -> str:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
     import hf_tiny
     return hf_tiny.save(hf_tiny.hf_model(hf_tiny.hf_config(arch)), str(path))
+
+
+class FakeClock:
+    """A clock the test moves by hand (PrefillNode(clock=...)), so lease tests never sleep."""
+
+    def __init__(self, start: float = 1000.0):
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def wait_until(condition, timeout_s: float = 60.0, what: str = "condition") -> None:
+    """Wait for something a background thread does; the bound only turns a hang into a failure."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.01)
