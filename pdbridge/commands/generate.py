@@ -50,6 +50,10 @@ def run(args) -> int:
         print(f"pdbridge generate: {e}", file=sys.stderr)
         return 2
     blocks = args.num_blocks or (len(ids) + args.max_tokens) // 16 + 4
+    error = _check_engine(args, CacheConfig(num_blocks=blocks))
+    if error:
+        print(f"pdbridge generate: {error}", file=sys.stderr)
+        return 2
     with Engine(args.model, args.tp, CacheConfig(num_blocks=blocks), device=args.device) as engine:
         try:
             out = engine.generate([ids], sampling)[0]
@@ -70,6 +74,8 @@ def run(args) -> int:
 def _check(args) -> str:
     if args.tp < 1:
         return f"--tp must be >= 1, got {args.tp}"
+    if args.num_blocks is not None and args.num_blocks < 1:
+        return f"--num-blocks must be >= 1 (or left out for enough for the prompt), got {args.num_blocks}"
     if args.max_tokens < 1:
         return f"--max-tokens must be >= 1, got {args.max_tokens}"
     if args.model is not None and not os.path.isfile(os.path.join(args.model, "config.json")):
@@ -85,6 +91,27 @@ def _check(args) -> str:
             return "--prompt-ids: empty prompt"
     elif args.prompt == "":
         return "--prompt: empty prompt"
+    return ""
+
+
+def _check_engine(args, cache) -> str:
+    """What would make the engine fail after its worker processes started: refused first, in
+    one line (a TP size the heads do not allow, a config.json we cannot read, CUDA missing)."""
+    import torch
+    from pdbridge.spec import ConfigError, EngineLayout, LayoutError, resolve_model
+    from pdbridge.model.default_model import model_dir as default_model_dir
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        return (f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA device; "
+                f"use --device cpu")
+    model = args.model or str(default_model_dir())
+    try:
+        spec = resolve_model(model)
+    except (ConfigError, ValueError) as e:         # ValueError: config.json that is not JSON
+        return f"--model {model}: {str(e).splitlines()[0]}"
+    try:
+        EngineLayout(spec, args.tp, cache)
+    except LayoutError as e:
+        return f"--tp {args.tp}: {str(e).splitlines()[0]}"
     return ""
 
 

@@ -13,7 +13,9 @@ the sender), malformed ones get an ErrorReply, and the server thread survives bo
 from __future__ import annotations
 
 import logging
+import socket
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -153,14 +155,38 @@ class MetadataServer:
         return self._reply
 
     def close(self, timeout_s: float = 5.0) -> None:
+        """Stop serving; returns once the thread is gone and the address can be bound again."""
+        deadline = time.monotonic() + timeout_s
         self._stop.set()
         self._thread.join(timeout_s)
+        _wait_until_unbound(self.endpoint, deadline)
 
     def __enter__(self) -> "MetadataServer":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _wait_until_unbound(endpoint: str, deadline: float) -> None:
+    """ZeroMQ closes a socket's listener on its I/O thread, some time after close() returns
+    (seen here: a rebind right after close failed 9 times in 300). Wait, until `deadline`, for
+    the TCP port to be free, so that a closed server's address is reusable at once."""
+    if not endpoint.startswith("tcp://"):
+        return
+    host, port = endpoint[len("tcp://"):].rsplit(":", 1)
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    while True:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as ZeroMQ binds
+            try:
+                probe.bind((host, int(port)))
+                return
+            except OSError:
+                if time.monotonic() >= deadline:
+                    return
+        time.sleep(0.002)
 
 
 def _split_envelope(frames: list[bytes]) -> tuple[list[bytes], list[bytes]]:

@@ -43,6 +43,9 @@ def test_generate_seeded_sampling_repeats(model_dir, capsys):
     (["--prompt-ids", "1", "--model", "/nonexistent"], "--model"),
     (["--prompt-ids", "1", "--top-p", "2"], "top_p"),
     (["--prompt-ids", "1000"], "vocabulary"),
+    (["--prompt-ids", "1", "--num-blocks", "0"], "--num-blocks"),
+    (["--prompt-ids", "1", "--tp", "64"], "TP"),          # refused before 64 workers start
+    (["--prompt-ids", "1", "--tp", "7"], "TP"),
 ])
 def test_bad_input_is_one_line_naming_the_field(model_dir, capsys, argv, field):
     if "--model" not in argv:
@@ -68,3 +71,19 @@ def test_default_model_text_prompt_at_tp1_and_tp2(tmp_path, monkeypatch, capsys)
         outs.append(json.loads(capsys.readouterr().out))
     assert outs[0]["token_ids"] == outs[1]["token_ids"] and len(outs[0]["token_ids"]) == 6
     assert outs[0]["text"] == default_model.decode(outs[0]["token_ids"])
+
+
+@pytest.mark.parametrize("config,field", [('{"model_type": "gpt2", "vocab_size": 10}', "model_type"),
+                                          ('{"model_type": ', "not valid JSON")])
+def test_unreadable_model_is_one_line_before_any_worker(tmp_path, capsys, config, field):
+    (tmp_path / "config.json").write_text(config)
+    assert main(["generate", "--model", str(tmp_path), "--prompt-ids", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and field in err and "--model" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this torch has CUDA")
+def test_cuda_without_cuda_is_refused(model_dir, capsys):
+    assert main(["generate", "--model", model_dir, "--prompt-ids", "1", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--device cuda" in err
