@@ -2,24 +2,19 @@
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 
 import torch
 import torch.multiprocessing as mp
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, size: int, port: int, outdir: str, fn, args) -> None:
+def _worker(rank: int, size: int, outdir: str, fn, args) -> None:
     import torch.distributed as dist
     from pdbridge.model import TorchDistComm
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+    # A file rendezvous: a port picked free beforehand can be taken by another process in
+    # the meantime (on a busy machine the suite would then fail now and then).
+    dist.init_process_group("gloo", init_method=f"file://{outdir}/rendezvous", rank=rank,
                             world_size=size)
     try:
         result = fn(TorchDistComm(), *args)
@@ -31,5 +26,5 @@ def _worker(rank: int, size: int, port: int, outdir: str, fn, args) -> None:
 def run_tp(fn, size: int, *args) -> list:
     """fn(comm, *args) on `size` ranks; fn must be a module-level (picklable) function."""
     with tempfile.TemporaryDirectory() as outdir:
-        mp.spawn(_worker, args=(size, _free_port(), outdir, fn, args), nprocs=size, join=True)
+        mp.spawn(_worker, args=(size, outdir, fn, args), nprocs=size, join=True)
         return [torch.load(os.path.join(outdir, f"rank{r}.pt")) for r in range(size)]
