@@ -9,6 +9,8 @@ from typing import Any, ClassVar
 
 import msgspec
 
+from pdbridge.plan import Strategy
+
 from .messages import WorkerCall
 
 
@@ -30,9 +32,27 @@ class PDRankInfo(msgspec.Struct):
     scratch_nbytes: int
 
 
+class ChooseStrategy(WorkerCall):
+    """Decode ranks: plan this rank's reads of one request with `strategy` and report the
+    concrete strategy the plan chose. `auto` is resolved here, once, by the decode side's
+    cost model; the prefill side is then told the choice instead of re-deciding it."""
+    handler: ClassVar[str] = "pd.choose_strategy"
+    collect: ClassVar[bool] = True
+    prefill_layout: dict[str, Any]          # EngineLayout.to_dict() of the prefill engine
+    prefill_blocks: tuple[int, tuple[int, ...], int]   # RequestBlocks fields
+    decode_blocks: tuple[int, tuple[int, ...], int]
+    strategy: Strategy
+
+
+class StrategyChoice(msgspec.Struct):
+    rank: int
+    strategy: Strategy                      # concrete, unless the request could not be planned
+    error: str = ""                         # why it could not (the pull reports it again)
+
+
 class PreparePermute(WorkerCall):
-    """Prefill ranks: gather into scratch, in destination order, what every decode rank of
-    one decode engine will read with the permute strategy (DESIGN.md section 4)."""
+    """Prefill ranks: gather into scratch, in destination order, what each decode rank of
+    one decode engine that chose `permute` will read (DESIGN.md section 4)."""
     handler: ClassVar[str] = "pd.prepare_permute"
     collect: ClassVar[bool] = True
     request_id: str
@@ -40,7 +60,7 @@ class PreparePermute(WorkerCall):
     decode_layout: dict[str, Any]           # EngineLayout.to_dict() of the decode engine
     prefill_blocks: tuple[int, tuple[int, ...], int]   # RequestBlocks fields
     decode_blocks: tuple[int, tuple[int, ...], int]
-    strategy: str
+    strategies: dict[int, Strategy]         # decode rank -> its concrete strategy (ChooseStrategy)
 
 
 class ScratchBases(msgspec.Struct):
@@ -85,6 +105,7 @@ class Pull(WorkerCall):
     scratch_bases: dict[int, dict[int, int]] = {}   # prefill rank -> decode rank -> base
     timeout_s: float = 30.0
     renew_every_s: float = 0.0              # > 0: renew the prefill lease this often while reading
+    strategies: dict[int, Strategy] = {}    # decode rank -> concrete choice; overrides strategy
 
 
 class PullResult(msgspec.Struct):

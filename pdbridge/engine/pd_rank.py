@@ -24,8 +24,9 @@ from pdbridge.transport.handshake import (MetadataServer, PeerDirectory, RankMet
 from pdbridge.transport.messages import LeaseRenew, ReadDone, RegionAddr, encode
 from pdbridge.transport.transport import buffer_info
 
-from .pd_calls import (ForgetRequest, Notifications, PDRankInfo, PDSetup, PollNotifications,
-                       PreparePermute, Pull, PullResult, ScratchBases)
+from .pd_calls import (ChooseStrategy, ForgetRequest, Notifications, PDRankInfo, PDSetup,
+                       PollNotifications, PreparePermute, Pull, PullResult, ScratchBases,
+                       StrategyChoice)
 from .scratch_allocator import ScratchAllocator
 
 POLL_INTERVAL_S = 0.001     # the passive NIXL side must progress about every ms (REFERENCE.md)
@@ -102,14 +103,20 @@ class PDRank:
         return Notifications(self.rank, [m for _, m in out], [now - t for t, _ in out])
 
     def prepare_permute(self, call: PreparePermute) -> ScratchBases:
-        """Gather, for every decode rank whose plan permutes, its bytes from this rank."""
+        """Gather, for every decode rank that chose permute, its bytes from this rank.
+
+        The decode ranks' choice is taken as given, never re-decided here: with `auto` this
+        side's cost model may differ from theirs (calibrated elsewhere), and a rank whose
+        plan reads a scratch nobody filled fails its pull."""
         decode = self._layout(call.decode_layout)
         pblocks, dblocks = RequestBlocks(*call.prefill_blocks), RequestBlocks(*call.decode_blocks)
         bases = {}
-        for j in range(decode.tp_size):
-            plan = plan_transfer(self.layout, decode, j, pblocks, dblocks, call.strategy)
+        for j, strategy in sorted(call.strategies.items()):
+            if strategy is not Strategy.PERMUTE:
+                continue
+            plan = plan_transfer(self.layout, decode, j, pblocks, dblocks, Strategy.PERMUTE)
             copies = plan.prefill_reorder.get(self.rank)
-            if plan.strategy is not Strategy.PERMUTE or copies is None or not len(copies):
+            if copies is None or not len(copies):
                 continue
             base = self.scratch_alloc.allocate(call.request_id, plan.prefill_scratch_nbytes[self.rank])
             shifted = _shift(copies, dst=base)
@@ -122,13 +129,27 @@ class PDRank:
 
     # ---- decode side -------------------------------------------------------------------
 
+    def choose_strategy(self, call: ChooseStrategy) -> StrategyChoice:
+        """The concrete strategy this rank's plan takes (what `auto` resolves to here). A
+        request that cannot be planned is reported, not raised (a raising call ends a worker
+        process): the pull then plans it again and fails it the usual way (recompute or fail)."""
+        try:
+            plan = plan_transfer(self._layout(call.prefill_layout), self.layout, self.rank,
+                                 RequestBlocks(*call.prefill_blocks),
+                                 RequestBlocks(*call.decode_blocks), call.strategy)
+        except Exception as e:
+            return StrategyChoice(self.rank, call.strategy, f"{type(e).__name__}: {e}")
+        return StrategyChoice(self.rank, plan.strategy)
+
     def pull(self, call: Pull) -> PullResult:
         t0 = time.perf_counter()
         plan: TransferPlan | None = None
         try:
             prefill = self._layout(call.prefill_layout)
+            # The strategy chosen earlier (ChooseStrategy), which the prefill side prepared for.
+            strategy = call.strategies.get(self.rank, call.strategy)
             plan = plan_transfer(prefill, self.layout, self.rank, RequestBlocks(*call.prefill_blocks),
-                                 RequestBlocks(*call.decode_blocks), call.strategy)
+                                 RequestBlocks(*call.decode_blocks), strategy)
             sources = plan.source_ranks()
             # Exactly the prefill ranks this plan reads from, each fetched once per engine.
             self.directory.get_ranks(call.prefill_engine_id, sources, lambda r: call.endpoints[r])

@@ -53,7 +53,7 @@ def _build(strategy: Strategy, direct: DirectReads, prefill: EngineLayout,
            prefill_blocks: RequestBlocks, decode_rank: int) -> TransferPlan:
     small, large = split_small(direct.state.coalesced())   # size runs as they will be read
     if strategy is Strategy.STAGING:
-        rewrite = staging(small)
+        rewrite = staging(small, lambda rank, region: prefill.rank(rank).zone_origins[region])
     elif strategy is Strategy.PERMUTE:
         rewrite = permute(small)
     else:

@@ -12,11 +12,17 @@ permute: each source rank first gathers the small runs this decode rank needs in
     restores from staging (runs adjacent in the destination collapse into one copy).
 
 Staging offsets are aligned (STAGE_ALIGN) so that a transport splitting runs at power-of-two
-boundaries needs few pieces.
+boundaries needs few pieces. NIXL's chunk grid restarts at every zone origin of a region
+(RankLayout.zone_origins, transport/chunks.py), so a span lands in the staging buffer at the
+offset, modulo STAGE_ALIGN, that it has from its zone's origin, not from its region's start:
+aligned to the region, the span of nemotron-h-8b P=1 -> D=2 agreed with its zone only modulo
+2 B and became ~110,000 chunk indices per decode rank (issue 13, item 2); aligned to the
+zone, about ten.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -24,6 +30,7 @@ from .run_list import RunList
 from .transfer_plan import SCRATCH, CopyList
 
 _I32, _I64 = np.int32, np.int64
+ZoneOrigins = Callable[[int, int], np.ndarray]     # (source rank, region) -> sorted origins
 
 # REFERENCE.md (NIXL 1.5, same host): descriptors of 256 KiB and up run at memcpy speed; below
 # that each costs about one system call. Only runs under this size are worth a local copy.
@@ -43,6 +50,21 @@ def _aligned_bases(sizes: np.ndarray) -> np.ndarray:
     return np.concatenate(([0], np.cumsum(padded)[:-1])).astype(_I64)
 
 
+def _anchor_zones(rank: np.ndarray, region: np.ndarray, start: np.ndarray, end: np.ndarray,
+                  zone_origins: ZoneOrigins) -> np.ndarray:
+    """Per span, the origin of the zone holding most of its bytes: the transport cuts a span
+    where it crosses an origin and chunks each piece from its own zone, so only one piece
+    can be congruent with the staging buffer; make it the largest (few pages: a loop)."""
+    out = np.empty(len(start), _I64)
+    for i, (r, g, a, b) in enumerate(zip(rank.tolist(), region.tolist(), start.tolist(),
+                                         end.tolist())):
+        z = zone_origins(r, g)
+        lo, hi = np.searchsorted(z, a, side="right") - 1, np.searchsorted(z, b, side="left")
+        cuts = np.concatenate(([a], z[lo + 1:hi], [b]))
+        out[i] = z[lo + int(np.argmax(np.diff(cuts)))]
+    return out
+
+
 @dataclass(frozen=True)
 class StateRewrite:
     reads: RunList                          # replaces the direct state runs
@@ -52,7 +74,8 @@ class StateRewrite:
     scratch_nbytes: dict[int, int]
 
 
-def staging(state: RunList) -> StateRewrite:
+def staging(state: RunList, zone_origins: ZoneOrigins) -> StateRewrite:
+    """`zone_origins(rank, region)`: the sorted zone origins of a source region."""
     if not len(state):
         return StateRewrite(RunList.empty(), RunList.empty(), 0, {}, {})
     key = state.src_rank.astype(_I64) * (1 << 32) + state.src_region
@@ -63,8 +86,9 @@ def staging(state: RunList) -> StateRewrite:
     np.minimum.at(start, page_of_run, state.src_offset)
     np.maximum.at(end, page_of_run, state.src_offset + state.nbytes)
     span = end - start                      # one read covering the page's runs
-    # Each span lands at the same offset modulo STAGE_ALIGN as it starts at on the source.
-    stage_base = _aligned_bases(span + start % STAGE_ALIGN) + start % STAGE_ALIGN
+    # Each span lands at the offset modulo STAGE_ALIGN that it has from its zone's origin.
+    lead = (start - _anchor_zones(rank, region, start, end, zone_origins)) % STAGE_ALIGN
+    stage_base = _aligned_bases(span + lead) + lead
     first_group = np.full(len(pages), np.iinfo(_I32).max, _I32)
     np.minimum.at(first_group, page_of_run, state.group)
     reads = RunList(rank, region, start, np.full(len(pages), SCRATCH, _I32), stage_base, span,

@@ -11,7 +11,7 @@ import itertools
 from dataclasses import dataclass
 
 from pdbridge.engine.llm_engine import Engine, RequestHandle
-from pdbridge.engine.pd_calls import PDSetup, Pull, PullResult
+from pdbridge.engine.pd_calls import ChooseStrategy, PDSetup, Pull, PullResult
 from pdbridge.engine.request import SamplingParams
 from pdbridge.plan import Strategy, parse_strategy
 from pdbridge.plan.strategies import STAGE_ALIGN
@@ -76,20 +76,38 @@ class DecodeNode:
         """Blocks for the first N-1 prompt tokens, for the pull to fill."""
         return self.engine.add_request(prompt_ids, sampling, imported=True)
 
+    def choose_strategies(self, handle: RequestHandle, params: TransferParams
+                          ) -> dict[int, Strategy]:
+        """Decode rank -> the concrete strategy its plan takes for this request. This node's
+        ranks decide `auto` (their cost model, their plans); the prefill side is told the
+        result (PrefillNode.prepare_permute) and the pull plans with it. A rank that could
+        not plan is left out: its pull fails with the reason, then recomputes or fails."""
+        if self.strategy is not Strategy.AUTO:
+            return {j: self.strategy for j in range(self.tp_size)}
+        b = handle.blocks
+        choices = self.engine.call(ChooseStrategy(
+            params.layout, params.prefill_blocks, (b.num_tokens, b.attn_blocks, b.state_block),
+            self.strategy))
+        return {c.rank: c.strategy for c in choices if not c.error}
+
     def pull(self, handle: RequestHandle, params: TransferParams,
              scratch_bases: dict[int, dict[int, int]] | None = None,
-             renew_every_s: float = 0.0) -> PullOutcome:
-        """Every decode rank pulls its shard; then the request decodes from the pulled state,
-        or (on any failure) recomputes its prompt here, or fails, as configured."""
+             renew_every_s: float = 0.0,
+             strategies: dict[int, Strategy] | None = None) -> PullOutcome:
+        """Every decode rank pulls its shard, planned with its strategy from
+        choose_strategies (chosen now if not given); then the request decodes from the
+        pulled state, or (on any failure) recomputes its prompt here, or fails, as configured."""
         b = handle.blocks
         if b.num_tokens != params.num_tokens:
             raise ValueError(f"decode blocks hold {b.num_tokens} tokens, the prefill engine "
                              f"computed {params.num_tokens}")
+        if strategies is None:
+            strategies = self.choose_strategies(handle, params)
         results = tuple(sorted(self.engine.call(Pull(
             params.request_id, params.engine_id, params.layout, params.endpoints,
             params.prefill_blocks, (b.num_tokens, b.attn_blocks, b.state_block),
-            self.strategy.value, scratch_bases or {}, self.pull_timeout_s, renew_every_s)),
-            key=lambda r: r.rank))
+            self.strategy.value, scratch_bases or {}, self.pull_timeout_s, renew_every_s,
+            strategies)), key=lambda r: r.rank))
         if all(r.ok for r in results):
             self.engine.state_arrived(handle.request_id)
             return PullOutcome(handle.request_id, True, False, results)

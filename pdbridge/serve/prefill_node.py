@@ -12,6 +12,7 @@ from typing import Callable
 
 from pdbridge.engine.llm_engine import Engine, RequestHandle
 from pdbridge.engine.pd_calls import ForgetRequest, PDSetup, PollNotifications, PreparePermute
+from pdbridge.plan import Strategy
 from pdbridge.spec import CacheConfig, EngineLayout
 from pdbridge.transport.bookkeeping import LeaseTable, Release
 from pdbridge.transport.messages import LeaseRenew, ProtocolError, ReadDone, decode
@@ -56,10 +57,17 @@ class PrefillNode:
                                          [(decode_engine_id, j) for j in range(decode_tp)]))
 
     def prepare_permute(self, params: TransferParams, decode_engine_id: str,
-                        decode_layout: dict, decode_blocks, strategy: str) -> dict[int, dict[int, int]]:
-        """Every prefill rank gathers the bytes permute reads; returns rank -> decode rank -> base."""
+                        decode_layout: dict, decode_blocks,
+                        strategies: dict[int, Strategy]) -> dict[int, dict[int, int]]:
+        """Every prefill rank gathers the bytes that the decode ranks which chose permute
+        (`strategies`: decode rank -> concrete strategy, DecodeNode.choose_strategies) read;
+        returns prefill rank -> decode rank -> base."""
+        if Strategy.AUTO in strategies.values():    # checked here: a raising call ends a rank
+            raise ValueError("prepare_permute needs each decode rank's concrete strategy "
+                             "(DecodeNode.choose_strategies), not auto")
         out = self.engine.call(PreparePermute(params.request_id, decode_engine_id, decode_layout,
-                                              params.prefill_blocks, decode_blocks, strategy))
+                                              params.prefill_blocks, decode_blocks,
+                                              dict(strategies)))
         return {sb.rank: dict(sb.bases) for sb in out}
 
     def poll(self) -> list[Release[RequestHandle]]:

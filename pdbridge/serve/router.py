@@ -75,13 +75,16 @@ class PDRouter:
         t1 = time.perf_counter()
         handle = node.allocate(prompt, sampling)
         self.prefill.expect_readers(params, node.engine_id, node.tp_size)
+        # The decode side decides (auto included); prefill prepares exactly that choice.
+        strategies = node.choose_strategies(handle, params)
         bases = {}
-        if node.strategy in (Strategy.PERMUTE, Strategy.AUTO):
+        if Strategy.PERMUTE in strategies.values():
             b = handle.blocks
             bases = self.prefill.prepare_permute(params, node.engine_id, node.layout_dict,
                                                  (b.num_tokens, b.attn_blocks, b.state_block),
-                                                 node.strategy.value)
-        outcome = node.pull(handle, params, bases, renew_every_s=self.prefill.leases.lease_s / 3)
+                                                 strategies)
+        outcome = node.pull(handle, params, bases, renew_every_s=self.prefill.leases.lease_s / 3,
+                            strategies=strategies)
         t2 = time.perf_counter()
         self.prefill.poll()
         rec.request_id = outcome.request_id

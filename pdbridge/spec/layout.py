@@ -32,6 +32,9 @@ from .state_tensors import AttnLayout, ConvLayout, model_tensors
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
 TENSOR_ALIGN = 64       # bytes between tensors sharing a page
+# Zone origins (RankLayout.zone_origins) are rounded down to this: a transport whose grain
+# divides it (NIXL: every registration up to 32 GiB, transport/chunks.py) keeps them as given.
+ZONE_ALIGN = TENSOR_ALIGN
 
 
 class LayoutError(ValueError):
@@ -157,6 +160,31 @@ class RankLayout:
     def state_nbytes_per_request(self, num_blocks: int) -> int:
         """Bytes of one request's recurrent state on this rank (one page per state region)."""
         return sum(r.page_nbytes(num_blocks) for r in self.regions if not r.paged)
+
+    @cached_property
+    def zone_origins(self) -> tuple:
+        """Per region, the sorted int64 numpy array of its zone origins: where each tensor's
+        slab starts, rounded down to ZONE_ALIGN; 0 always.
+
+        A slab is one index of every dim outer to the block dim (a (kv, head) row of a
+        heads-across-blocks KV tensor), or one block when the block dim is outermost (a state
+        tensor's page). Runs between two engines start at the same place within a slab far
+        more often than at the same place within a region, whose tensor bases and page sizes
+        depend on the TP size; NIXL's chunk grid restarts at these origins
+        (transport/chunks.py) and the staging strategy aligns its buffer to them
+        (plan/strategies.py), so both must read them from here. The rounding only moves the
+        per-layer bases of layer-interleaved tensors (a few bytes apart), which no run starts
+        at anyway, and keeps every origin on the transport's grain.
+        """
+        import numpy as np      # deferred: spec stays import-light
+        origins = [[np.zeros(1, np.int64)] for _ in self.regions]
+        for tl in self.tensors:
+            k = tl.tensor.dim_index(BLOCK)
+            starts = np.array([tl.base], np.int64)
+            for a in (tl.axes[:k] if k else tl.axes[:1]):
+                starts = (starts[:, None] + np.arange(a.extent, dtype=np.int64) * a.stride).ravel()
+            origins[tl.region].append(starts)
+        return tuple(np.unique(np.concatenate(o) // ZONE_ALIGN * ZONE_ALIGN) for o in origins)
 
 
 @dataclass(frozen=True, eq=False)

@@ -28,7 +28,10 @@ multi-megabyte run is a handful of indices. Runs whose offsets differ by an odd 
 a small power of two degrade gracefully to n / M indices; still correct, never rebuilt.
 
 Offsets count from *zone origins*, not region starts: a zone is where one tensor slab starts
-(a state page's conv or SSM tensor, a (kv, head) row of head-major KV; `layout_zones`).
+(a state page's conv or SSM tensor, a (kv, head) row of head-major KV;
+`RankLayout.zone_origins`, via `layout_zones`). Origins are rounded down to ZONE_ALIGN
+(64 B, or the grain if larger) on every table, so that zone-relative offsets stay on the
+grain and two tables of different grains agree on where zones start.
 The same tensor sits at different bases on engines of different TP (a TP=1 SSM tensor at
 61440 B into its page, a TP=2 one at 30720 B), so region-relative offsets agree only modulo
 2 KiB, while zone-relative ones agree modulo the head range: measured on nemotron-h-8b
@@ -44,6 +47,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from pdbridge.spec.layout import ZONE_ALIGN
 
 from .transport import TransferError
 
@@ -89,12 +94,20 @@ class ChunkTable:
         if len(zones) != len(self.region_nbytes):
             raise TransferError(f"{len(zones)} zone lists for {len(self.region_nbytes)} regions")
         region_base = np.concatenate(([0], np.cumsum(self.region_nbytes, dtype=np.int64)))
+        # The grid may restart only on the grain: from an origin off it (a layer-interleaved
+        # slab 6 B from the last, once a large registration makes the grain 4 B) every
+        # zone-relative offset is off the grain too and chunks fall below the smallest level
+        # (issue 13: NIXL_ERR_INVALID_PARAM, "length mismatch"). Both sides of a read must
+        # round alike although their grains differ, hence ZONE_ALIGN, which spec origins
+        # already keep; a grain above it (registrations over 32 GiB) rounds further.
+        snap = max(ZONE_ALIGN, g)
         starts, lengths, owner = [], [], []
         for r, (n, zs) in enumerate(zip(self.region_nbytes, zones)):
             zs = np.asarray(zs, np.int64)
             if len(zs) == 0 or zs[0] != 0 or (np.diff(zs) <= 0).any() or (n and zs[-1] >= n):
                 raise TransferError(f"region {r}: zone origins must start at 0 and increase "
                                     f"within its {n} bytes")
+            zs = np.unique(zs // snap * snap)
             starts.append(region_base[r] + zs)
             lengths.append(np.diff(np.append(zs, n)))
             owner.append(np.full(len(zs), r, np.int64))
@@ -143,6 +156,14 @@ class ChunkTable:
 
     def index(self, zone: np.ndarray, rel_offset: np.ndarray, chunk: np.ndarray) -> np.ndarray:
         level = _log2(chunk) - int(np.log2(self.grain_nbytes))
+        # A level outside the zone's would index another zone's (or no) descriptors, which
+        # NIXL reports only as a length mismatch: refuse it here, naming the chunk.
+        bad = (level < 0) | (level >= self.levels[zone]) | (rel_offset % chunk != 0)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise TransferError(f"chunk of {int(chunk[i])} bytes at zone offset "
+                                f"{int(rel_offset[i])} fits no level of a "
+                                f"{self.grain_nbytes}-byte-grain zone")
         return self.base[zone, level] + rel_offset // chunk
 
 
@@ -260,21 +281,6 @@ def _greedy(run: np.ndarray, a: np.ndarray, n: np.ndarray):
 
 
 def layout_zones(rank_layout) -> tuple[tuple[int, ...], ...]:
-    """Zone origins of every region of one EngineLayout rank: where each tensor's slab starts.
-
-    A slab is one index of every dim outer to the block dim (a (kv, head) row of a
-    heads-across-blocks KV tensor), or one block when the block dim is outermost (a state
-    tensor's page, a heads-outer KV block). Runs between two engines start at the same
-    place within a slab far more often than at the same place within a region, whose
-    tensor bases and page sizes depend on the TP size.
-    """
-    from itertools import product
-    from pdbridge.spec import BLOCK
-    origins: list[set[int]] = [{0} for _ in rank_layout.regions]
-    for tl in rank_layout.tensors:
-        names = [a.name for a in tl.axes]
-        k = names.index(BLOCK)
-        outer = tl.axes[:k] if k else tl.axes[:1]
-        for idx in product(*(range(a.extent) for a in outer)):
-            origins[tl.region].add(tl.base + sum(i * a.stride for i, a in zip(idx, outer)))
-    return tuple(tuple(sorted(o)) for o in origins)
+    """Zone origins of every region of one EngineLayout rank (RankLayout.zone_origins, the
+    one definition the staging planner also aligns to), as register_regions takes them."""
+    return tuple(tuple(z.tolist()) for z in rank_layout.zone_origins)

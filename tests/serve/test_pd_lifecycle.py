@@ -10,6 +10,7 @@ from numerics import REORDER_ULPS, assert_close
 from pdbridge.engine.cache_snapshot import Snapshot
 from pdbridge.engine.request import SamplingParams
 from pdbridge.model import default_model
+from pdbridge.plan import Strategy
 from pdbridge.serve.decode_node import DecodeNode, PullFailed
 from pdbridge.serve.prefill_node import PrefillNode
 from pdbridge.serve.router import PDRouter
@@ -40,9 +41,10 @@ def test_received_state_equals_own_prefill(model_dir, prefill_tp, decode_tp, str
         handle = dec.allocate(prompt, SamplingParams(max_tokens=4))
         pre.expect_readers(params, dec.engine_id, dec.tp_size)
         b = handle.blocks
+        strategies = dec.choose_strategies(handle, params)
         bases = pre.prepare_permute(params, dec.engine_id, dec.layout_dict,
-                                    (b.num_tokens, b.attn_blocks, b.state_block), strategy)
-        outcome = dec.pull(handle, params, bases)
+                                    (b.num_tokens, b.attn_blocks, b.state_block), strategies)
+        outcome = dec.pull(handle, params, bases, strategies=strategies)
         assert outcome.ok, outcome.errors
         received = snapshots(dec.engine, b)             # before any decode step runs
         own = dec.engine.prefill_for_transfer(prompt)    # the decode engine prefills N-1 itself
@@ -118,6 +120,60 @@ def test_local_transport_round_trip(model_dir):
         assert [r.token_ids for r in records] == want
         assert all(r.nbytes > 0 and r.descriptors > 0 for r in records)
         assert pre.num_held == 0
+    finally:
+        pre.close()
+        dec.close()
+
+
+def test_decode_side_choice_is_what_prefill_prepares_and_pull_plans(model_dir, monkeypatch):
+    """The router asks the decode node which concrete strategy each rank takes; the prefill
+    side gathers for exactly that choice and the pull plans with it, even where `auto`
+    planned anywhere else would choose otherwise (here: direct, TP 1 -> 1)."""
+    want = monolithic(model_dir, PROMPTS[:1], 6)
+    pre = PrefillNode(model_dir, 1, cache(), transport="local")
+    dec = DecodeNode(model_dir, 1, cache(), transport="local", strategy="auto")
+    asked = []
+    def permute_everywhere(handle, params):     # as a decode side calibrated otherwise would
+        asked.append(params.request_id)
+        return {0: Strategy.PERMUTE}
+    monkeypatch.setattr(dec, "choose_strategies", permute_everywhere)
+    try:
+        records = PDRouter(pre, [dec]).run(PROMPTS[:1], SamplingParams(max_tokens=6))
+        assert len(asked) == 1
+        assert [r.strategies for r in records] == [["permute"]]
+        assert not records[0].recomputed, records[0].errors
+        assert [r.token_ids for r in records] == want
+    finally:
+        pre.close()
+        dec.close()
+
+
+def test_prefill_refuses_to_decide_auto(model_dir):
+    pre = PrefillNode(model_dir, 1, cache(), transport="local")
+    try:
+        params = pre.prefill(PROMPTS[0])
+        with pytest.raises(ValueError, match="concrete strategy"):
+            pre.prepare_permute(params, "decode-x", pre.layout.to_dict(), params.prefill_blocks,
+                                {0: Strategy.AUTO})
+    finally:
+        pre.close()
+
+
+def test_auto_is_resolved_by_the_decode_ranks(model_dir):
+    pre = PrefillNode(model_dir, 1, cache(), transport="nixl")
+    dec = DecodeNode(model_dir, 2, cache(), transport="nixl", strategy="auto")
+    try:
+        params = pre.prefill(PROMPTS[0])
+        handle = dec.allocate(PROMPTS[0], SamplingParams(max_tokens=2))
+        chosen = dec.choose_strategies(handle, params)       # through both rank processes
+        assert set(chosen) == {0, 1} and Strategy.AUTO not in chosen.values()
+        b = handle.blocks
+        bases = pre.prepare_permute(params, dec.engine_id, dec.layout_dict,
+                                    (b.num_tokens, b.attn_blocks, b.state_block), chosen)
+        assert set(bases[0]) == {j for j, s in chosen.items() if s is Strategy.PERMUTE}
+        outcome = dec.pull(handle, params, bases, strategies=chosen)
+        assert outcome.ok, outcome.errors
+        assert {r.rank: r.strategy for r in outcome.results} == {j: s.value for j, s in chosen.items()}
     finally:
         pre.close()
         dec.close()

@@ -136,3 +136,21 @@ def test_layer_interleave_makes_one_run_per_segment_across_layers():
     # 3 conv segments + 1 SSM run; KV: per (K/V, kv head, layer) the request's block (the
     # pool's other block lies between two layers' rows).
     assert plan.num_descriptors == 3 + 1 + 2 * 2 * 4
+
+
+@pytest.mark.parametrize("interleave", [False, True])
+def test_zone_origins_start_every_slab_on_the_zone_grid(interleave):
+    from pdbridge.spec.layout import ZONE_ALIGN
+    cache = CacheConfig(num_blocks=3, attn_layout="heads_across_blocks", page_padding=True,
+                        layer_interleave=interleave)
+    rank = EngineLayout(get_preset("nemotron-h-8b"), 2, cache).rank(1)
+    zones = rank.zone_origins
+    assert len(zones) == len(rank.regions)
+    for z, region in zip(zones, rank.regions):
+        assert z[0] == 0 and (z % ZONE_ALIGN == 0).all() and (z[1:] > z[:-1]).all()
+        assert z[-1] < region.nbytes
+    for tl in rank.tensors:
+        outer = tl.axes[:tl.tensor.dim_index(BLOCK)] or tl.axes[:1]     # dims outside the block
+        for idx in itertools.product(*(range(a.extent) for a in outer)):
+            start = tl.base + sum(i * a.stride for i, a in zip(idx, outer))
+            assert start // ZONE_ALIGN * ZONE_ALIGN in zones[tl.region]

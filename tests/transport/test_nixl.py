@@ -71,3 +71,24 @@ def test_metadata_for_another_agent_is_refused(agents):
     p, d, *_ = agents
     with pytest.raises(TransferError, match="expected"):
         d.add_peer("someone-else", p.metadata())
+
+
+def test_zones_off_a_coarse_grain_read_exactly():
+    # Issue 13, reduced: over 1 GiB registered, an agent's grain is 4 B (forced here) while
+    # layer-interleaved conv slabs start every 6 B. Before origins were rounded, this read
+    # failed with NIXL_ERR_INVALID_PARAM ("length mismatch") although its indices were in range.
+    rng = np.random.default_rng(5)
+    src = [rng.integers(0, 256, 8192, dtype=np.uint8)]
+    dst = [np.zeros(8192, np.uint8)]
+    zones = [[0, 6, 12, 138, 4098]]
+    with NixlTransport("nt-grain-P", grain_nbytes=4) as p, NixlTransport("nt-grain-D") as d:
+        p.register_regions(src, zones=zones)
+        d.register_regions(dst, zones=zones)
+        d.add_peer("nt-grain-P", p.metadata())
+        rows = [(0, 1179 * 4, 0, 589 * 4, 1000), (0, 8, 0, 4140, 4000)]
+        h = d.read("nt-grain-P", _reads(rows), notify=b"done")
+        status, _ = _drive(p, d, h)
+        assert status.state is XferState.DONE, status.reason
+        assert np.array_equal(dst[0][2356:3356], src[0][4716:5716])
+        assert np.array_equal(dst[0][4140:8140], src[0][8:4008])
+        d.release(h)

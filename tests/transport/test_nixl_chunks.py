@@ -35,12 +35,16 @@ def replay(src: ChunkTable, dst: ChunkTable, si, di, src_bytes, dst_bytes):
 
 @st.composite
 def cases(draw):
-    grain = draw(st.sampled_from([1, 2, 8]))
+    # Each side its own grain (a large registration coarsens one side only) and zone origins
+    # anywhere, on or off either grain: origins off the grain once produced chunks below the
+    # smallest level (issue 13).
+    grain_s, grain_d = draw(st.sampled_from([1, 2, 8])), draw(st.sampled_from([1, 2, 8]))
+    grain = max(grain_s, grain_d)
     sizes_s = [draw(st.integers(1, 40)) * grain * 8 for _ in range(draw(st.integers(1, 3)))]
     sizes_d = [draw(st.integers(1, 40)) * grain * 8 for _ in range(draw(st.integers(1, 3)))]
     def zones(n):
-        extra = draw(st.lists(st.integers(1, max(1, n // grain - 1)), max_size=3))
-        return tuple(sorted({0} | {z * grain for z in extra if z * grain < n}))
+        extra = draw(st.lists(st.integers(1, n - 1), max_size=3)) if n > 1 else []
+        return tuple(sorted({0} | set(extra)))
     zs = tuple(zones(n) for n in sizes_s)
     zd = tuple(zones(n) for n in sizes_d)
     runs = []
@@ -50,25 +54,48 @@ def cases(draw):
         a = draw(st.integers(0, (sizes_s[r] - n) // grain)) * grain
         b = draw(st.integers(0, (sizes_d[q] - n) // grain)) * grain
         runs.append((r, a, q, b, n))
-    return grain, sizes_s, zs, sizes_d, zd, runs
+    return (grain_s, grain_d), sizes_s, zs, sizes_d, zd, runs
 
 
-@settings(max_examples=60, deadline=None)
-@given(cases())
-def test_split_runs_moves_exactly_the_runs(case):
-    grain, sizes_s, zs, sizes_d, zd, runs = case
-    src, dst = ChunkTable(tuple(sizes_s), grain, zs), ChunkTable(tuple(sizes_d), grain, zd)
+def check_moves_exactly(src: ChunkTable, dst: ChunkTable, runs) -> None:
     rng = np.random.default_rng(0)
-    sb = [rng.integers(0, 256, n, dtype=np.uint8) for n in sizes_s]
-    got = [np.zeros(n, np.uint8) for n in sizes_d]
-    want = [np.zeros(n, np.uint8) for n in sizes_d]
+    sb = [rng.integers(0, 256, n, dtype=np.uint8) for n in src.region_nbytes]
+    got = [np.zeros(n, np.uint8) for n in dst.region_nbytes]
+    want = [np.zeros(n, np.uint8) for n in dst.region_nbytes]
     r, a, q, b, n = (np.asarray(c, np.int64) for c in zip(*runs))
     si, di = split_runs(src, r, a, dst, q, b, n)
+    assert si.min() >= 0 and si.max() < src.num_descriptors
+    assert di.min() >= 0 and di.max() < dst.num_descriptors
     for rr, aa, qq, bb, nn in runs:
         want[qq][bb:bb + nn] = sb[rr][aa:aa + nn]
     replay(src, dst, si, di, sb, got)
     for g, w in zip(got, want):
         assert np.array_equal(g, w)
+
+
+@settings(max_examples=60, deadline=None)
+@given(cases())
+def test_split_runs_moves_exactly_the_runs(case):
+    (grain_s, grain_d), sizes_s, zs, sizes_d, zd, runs = case
+    check_moves_exactly(ChunkTable(tuple(sizes_s), grain_s, zs),
+                        ChunkTable(tuple(sizes_d), grain_d, zd), runs)
+
+
+def test_zone_origin_off_the_grain():
+    # Issue 13, reduced: an agent registering over 1 GiB gets a 4-byte grain; a layer-
+    # interleaved conv slab starts 6 B after the previous one. Zone-relative offsets were
+    # then 2 mod 4, their chunks 2 B, the level index -1: indices of other descriptors,
+    # which NIXL refused as a length mismatch (NIXL_ERR_INVALID_PARAM).
+    src = ChunkTable((4096,), 4, ((0, 6, 12, 138),))
+    dst = ChunkTable((4096,), 2, ((0, 6, 12, 138),))
+    check_moves_exactly(src, dst, [(0, 8, 0, 8, 64), (0, 140, 0, 1000, 2000),
+                                   (0, 1200, 0, 144, 96)])
+
+
+def test_a_chunk_outside_its_zone_levels_is_refused():
+    t = ChunkTable((4096,), 4)
+    with pytest.raises(TransferError, match="fits no level"):
+        t.index(np.zeros(1, np.int64), np.zeros(1, np.int64), np.asarray([2], np.int64))
 
 
 def test_congruent_runs_need_few_indices():
@@ -104,9 +131,11 @@ def test_misaligned_run_is_refused():
 
 def test_layout_zones_start_each_slab():
     from xfer_case import Case
+    from pdbridge.spec.layout import ZONE_ALIGN
     p, _ = Case(1, 2).layouts()
     zones = layout_zones(p.rank(0))
     for tl in p.rank(0).tensors:
         if not tl.tensor.paged:
             page = tl.axes[0].stride
-            assert {tl.base + b * page for b in range(p.num_blocks)} <= set(zones[tl.region])
+            want = {(tl.base + b * page) // ZONE_ALIGN * ZONE_ALIGN for b in range(p.num_blocks)}
+            assert want <= set(zones[tl.region])
