@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 STRATEGIES = ("direct", "staging", "permute")
@@ -51,6 +52,9 @@ def run(args) -> int:
     for name in ("prefill_tp", "decode_tp", "reps"):
         if getattr(args, name) < 1:
             return _fail(f"--{name.replace('_', '-')}={getattr(args, name)}; allowed: >= 1")
+    if args.plot and not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):
+        return _fail(f"--plot={args.plot!r}: folder {os.path.dirname(os.path.abspath(args.plot))} "
+                     f"does not exist (checked before the benchmark runs)")
     from .bench_transfer import BenchConfig, run_bench
     strategies = STRATEGIES if args.strategy == "all" else (args.strategy,)
     cfg = BenchConfig(args.model, args.prefill_tp, args.decode_tp, tokens, strategies,

@@ -76,10 +76,17 @@ def run(args) -> int:
         return 2
     import torch
     from pdbridge.engine.request import SamplingParams
-    from pdbridge.spec import CacheConfig, LayoutError, resolve_model
+    from pdbridge.spec import CacheConfig
     from pdbridge.model.default_model import model_dir as default_model_dir
 
+    from pdbridge.commands.preflight import check_model
     torch.set_num_threads(1)
+    error = check_model(args.model, [("--prefill-tp", args.prefill_tp),   # before any process
+                                     *(("--decode-tp", tp) for tp in decode_tps)],
+                        CacheConfig(conv_layout=args.conv_layout, attn_layout=args.attn_layout))
+    if error:
+        print(f"pdbridge demo: {error}", file=sys.stderr)
+        return 2
     model = args.model or str(default_model_dir())
     prompts, tokenizer = _prompts(args.model, model, args.requests)
     blocks = args.requests * (-(-(max(map(len, prompts)) + args.max_tokens) // 16) + 2) + 4
@@ -87,14 +94,6 @@ def run(args) -> int:
     pre_cache = CacheConfig(conv_layout=args.prefill_conv_layout or args.conv_layout,
                             layer_interleave=args.layer_interleave, **cache)
     dec_cache = CacheConfig(conv_layout=args.conv_layout, **cache)
-    try:                        # refuse impossible TP sizes before starting any process
-        from pdbridge.spec import EngineLayout
-        spec = resolve_model(model)
-        for tp in [args.prefill_tp, *decode_tps]:
-            EngineLayout(spec, tp, dec_cache)
-    except LayoutError as e:
-        print(f"pdbridge demo: {e}", file=sys.stderr)
-        return 2
     sampling = SamplingParams(max_tokens=args.max_tokens)
     say = (lambda m: print(f"[demo] {m}", file=sys.stderr, flush=True))
     reference = _monolithic(model, prompts, sampling, dec_cache, say)

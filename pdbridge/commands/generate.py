@@ -60,6 +60,12 @@ def run(args) -> int:
         except ValueError as e:         # token ids outside the vocabulary, request too large
             print(f"pdbridge generate: {e}", file=sys.stderr)
             return 2
+    from pdbridge.engine.request import FinishReason
+    if out.finish_reason is FinishReason.NONFINITE:
+        print(f"pdbridge generate: the model produced NaN/Inf logits after "
+              f"{len(out.token_ids)} tokens (bad weights, or overflow in its dtype); "
+              f"no token was sampled from them", file=sys.stderr)
+        return 1
     text = tokenizer.decode(out.token_ids) if tokenizer is not None else None
     if args.json:
         print(json.dumps({"token_ids": out.token_ids, "text": text,
@@ -95,24 +101,9 @@ def _check(args) -> str:
 
 
 def _check_engine(args, cache) -> str:
-    """What would make the engine fail after its worker processes started: refused first, in
-    one line (a TP size the heads do not allow, a config.json we cannot read, CUDA missing)."""
-    import torch
-    from pdbridge.spec import ConfigError, EngineLayout, LayoutError, resolve_model
-    from pdbridge.model.default_model import model_dir as default_model_dir
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        return (f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA device; "
-                f"use --device cpu")
-    model = args.model or str(default_model_dir())
-    try:
-        spec = resolve_model(model)
-    except (ConfigError, ValueError) as e:         # ValueError: config.json that is not JSON
-        return f"--model {model}: {str(e).splitlines()[0]}"
-    try:
-        EngineLayout(spec, args.tp, cache)
-    except LayoutError as e:
-        return f"--tp {args.tp}: {str(e).splitlines()[0]}"
-    return ""
+    """What would make the engine fail after its worker processes started, refused first."""
+    from pdbridge.commands.preflight import check_device, check_model
+    return check_device(args.device) or check_model(args.model, [("--tp", args.tp)], cache)
 
 
 def _parse_ids(text: str) -> list[int]:

@@ -14,6 +14,9 @@ CONCRETE = ("direct", "staging", "permute")
 ATTN_LAYOUTS = ("heads_outer", "tokens_outer", "heads_across_blocks")
 
 
+MAX_TOKENS = 1 << 20         # a 1M-token context: the longest any supported model is built for
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="preset id or path to a config.json / model directory")
     parser.add_argument("--prefill-tp", type=int, default=1, metavar="P")
@@ -55,8 +58,9 @@ def _layouts(args):
     from pdbridge.spec import CacheConfig, EngineLayout, resolve_model
     if not args.model:
         raise ValueError("--model is required (a preset id, see --list-models, or a config path)")
-    if args.tokens < 1:
-        raise ValueError(f"--tokens must be >= 1, got {args.tokens}")
+    if not 1 <= args.tokens <= MAX_TOKENS:
+        raise ValueError(f"--tokens={args.tokens}; allowed: 1..{MAX_TOKENS} (the plan's arrays "
+                         f"grow with the blocks: 10M tokens took 5.8 GB)")
     spec = resolve_model(args.model)
     cache = dict(conv_layout=args.conv_layout, attn_layout=args.attn_layout,
                  layer_interleave=args.layer_interleave, page_padding=args.page_padding)

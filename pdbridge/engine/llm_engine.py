@@ -319,6 +319,10 @@ class Engine:
         if req.compute_target is not None:
             self.scheduler.keep(req)                    # prefill-only: blocks stay
             return None
+        if not bool(torch.isfinite(logits).all()):     # never sample a token from NaN/Inf
+            req.finish_reason = FinishReason.NONFINITE
+            self.scheduler.finish(req)
+            return StepOutput(req.request_id, (), True, FinishReason.NONFINITE)
         req.output_ids.append(sample(logits, req.sampling, self._generators[req.request_id]))
         reason = stop_reason(req, self.eos_token_ids)
         if reason is not None:

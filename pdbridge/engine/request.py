@@ -18,6 +18,7 @@ class FinishReason(enum.Enum):
     LENGTH = "length"
     EOS = "eos"
     STOP_TOKEN = "stop_token"
+    NONFINITE = "nonfinite"            # NaN/Inf logits: an error, no token is sampled from them
 
 
 @dataclass(frozen=True)

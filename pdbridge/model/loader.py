@@ -9,6 +9,7 @@ import torch
 from pdbridge.spec import ModelSpec, load_model_spec
 
 from .arch import arch_config
+from .checkpoint_check import check_shapes
 from .comm import SingleComm
 from .hf_names import canonical_weights
 from .model import HybridModel
@@ -20,6 +21,7 @@ def build_model(spec: ModelSpec, tensors_by_hf_name: dict[str, torch.Tensor], co
                 dtype: torch.dtype = torch.float32) -> HybridModel:
     comm = comm or SingleComm()
     arch = arch_config(spec)
+    check_shapes(spec, tensors_by_hf_name)       # at TP = 1: so that no shard cuts a bad tensor
     full = canonical_weights(spec, arch, tensors_by_hf_name)
     local = shard_weights(spec, full, comm.rank, comm.size)
     if arch.shared is not None and comm.size > 1:      # Zamba2's shared blocks and adapters

@@ -125,3 +125,22 @@ class _Fragile(FakeModel):
             os._exit(7)
         return super().forward(batch, caches)
 
+
+
+NAN_TOKEN = 11
+
+
+def load_fake_nan(model_dir, comm, device, dtype):
+    """The fake model, but a sequence whose step sees NAN_TOKEN gets NaN logits (an overflow)."""
+    spec = fake_spec(dtype or "float64")
+    return spec, _Nan(spec, comm)
+
+
+class _Nan(FakeModel):
+    def forward(self, batch, caches):
+        logits = super().forward(batch, caches)
+        ids = batch.input_ids.tolist()
+        for i, (a, b) in enumerate(batch.seq_spans()):
+            if NAN_TOKEN in ids[a:b]:
+                logits[i] = float("nan")
+        return logits

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pdbridge.engine.llm_engine import Engine
-from pdbridge.engine.request import SamplingParams
+from pdbridge.engine.request import FinishReason, SamplingParams
 from pdbridge.engine.scheduler import SchedulerConfig
 from pdbridge.spec import CacheConfig
 
@@ -125,3 +125,16 @@ def test_waiting_on_blocks_held_by_prefilled_requests_raises():
         e.abort(next(iter(e._requests)))
         assert e.scheduler.pool.num_free == 6
 
+
+
+def test_nonfinite_logits_end_the_request_as_an_error():
+    """NaN logits are never sampled (argmax of NaN would be a silent token 0): the request
+    ends with FinishReason.NONFINITE, the others run on, and every block comes back."""
+    from fake_model import NAN_TOKEN, load_fake_nan
+    cfg = CacheConfig(num_blocks=32, block_tokens=4, kernel_block_tokens=2)
+    with Engine(None, 1, cfg, loader=load_fake_nan) as e:
+        free = e.scheduler.pool.num_free
+        bad, good = e.generate([[1, 2, NAN_TOKEN, 3], [1, 2, 3]], GREEDY)
+        assert bad.finish_reason is FinishReason.NONFINITE and bad.token_ids == []
+        assert good.finish_reason is FinishReason.LENGTH and len(good.token_ids) == 6
+        assert e.scheduler.pool.num_free == free

@@ -60,6 +60,7 @@ def test_list_models(capsys):
     (["--model", "nemotron-h-8b", "--decode-tp", "3000"], "tp_size=3000"),
     (["--model", "nemotron-h-8b", "--strategy", "fast"], "invalid choice: 'fast'"),
     (["--model", "nemotron-h-8b", "--tokens", "0"], "--tokens"),
+    (["--model", "nemotron-h-8b", "--tokens", "10000000"], "allowed: 1..1048576"),
     ([], "--model is required"),
 ])
 def test_bad_input_is_one_line_and_usage(capsys, argv, needle):
