@@ -9,10 +9,13 @@ Besides monolithic generation it has the two hooks of P/D disaggregation (DESIGN
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import multiprocessing as mp
 import os
+import signal
 import threading
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -57,6 +60,38 @@ class GenerateOutput:
     prompt_ids: tuple[int, ...] = field(default=())
 
 
+SHUTDOWN_S = 3.0        # per stage of close(): Shutdown, then SIGTERM, then SIGKILL
+
+
+def _stop_processes(procs, grace_s: float) -> None:
+    """Wait grace_s for the processes to exit, then SIGTERM, then SIGKILL (SHUTDOWN_S each)."""
+    for wait_s, signal_them in ((grace_s, "terminate"), (SHUTDOWN_S, "kill"), (SHUTDOWN_S, None)):
+        deadline = time.monotonic() + wait_s
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        alive = [p for p in procs if p.exitcode is None]
+        if not alive or signal_them is None:
+            return
+        for p in alive:
+            getattr(p, signal_them)()
+
+
+@contextlib.contextmanager
+def _sigint_ignored_by_children():
+    """Spawn workers with SIGINT ignored: an ignored signal stays ignored across exec and
+    Python keeps it so, so a Ctrl-C (sent to the whole process group) cannot kill a worker
+    during its imports with a traceback each; the engine's process stops them (close). For
+    the few milliseconds of the spawns this process ignores SIGINT too (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class Engine:
     def __init__(self, model_dir: str | None = None, tp_size: int = 1,
                  cache_config: CacheConfig | None = None, *, device: str = "cpu",
@@ -73,6 +108,7 @@ class Engine:
         self._procs: list[mp.process.BaseProcess] = []
         self._group: RankGroup | None = None
         self._closed = False
+        self._desynced = False      # a TP call was cut short: the ranks are out of step
         try:
             self.worker = self._start_ranks()
             self._check_ranks()
@@ -103,11 +139,12 @@ class Engine:
             return Worker(0, self.args, SingleComm())
         store = RankGroup.master_store(self.args.timeout_s, self.tp_size)
         ctx = mp.get_context("spawn")
-        for r in range(1, self.tp_size):
-            p = ctx.Process(target=worker_main, args=(r, self.args, store.port, os.getpid()),
-                            name=f"pdbridge-tp{r}", daemon=True)
-            p.start()
-            self._procs.append(p)
+        with _sigint_ignored_by_children():
+            for r in range(1, self.tp_size):
+                p = ctx.Process(target=worker_main, args=(r, self.args, store.port, os.getpid()),
+                                name=f"pdbridge-tp{r}", daemon=True)
+                p.start()
+                self._procs.append(p)
         self._group = self._join_group(store)
         return Worker(0, self.args, self._group.comm)
 
@@ -156,30 +193,41 @@ class Engine:
             result = self.worker.handle(msg)
             return [result] if msg.collect else result
         self._raise_if_dead()
+        if self._desynced:
+            raise EngineError("the engine's TP group failed earlier (see the first error); "
+                              "close it and start a new engine")
+        # Until the call returns, the ranks are inside it: any exception from here on (a
+        # timeout, a dead rank, Ctrl-C) leaves them where no next call can meet them.
+        self._desynced = True
         try:
             self._group.broadcast_bytes(encode(msg))
             result = self.worker.handle(msg)
-            if not msg.collect:
-                return result
-            import msgspec
-            blobs = self._group.gather_bytes(encode(result))
-            return [msgspec.msgpack.decode(b, type=type(result)) for b in blobs]
-        except RuntimeError as e:
+            if msg.collect:
+                import msgspec
+                blobs = self._group.gather_bytes(encode(result))
+                result = [msgspec.msgpack.decode(b, type=type(result)) for b in blobs]
+        except RuntimeError as e:           # CollectiveTimeout, or gloo's own errors
             self._wait_for_exit(2.0)
             self._raise_if_dead()
-            raise EngineError(f"collective failed: {e}") from e
+            raise EngineError(f"{type(msg).__name__}: collective failed: {e}") from e
+        self._desynced = False
+        return result
 
     def _wait_for_exit(self, seconds: float) -> None:
         for p in self._procs:
             p.join(seconds / max(1, len(self._procs)))
 
     def close(self) -> None:
-        """Stop the workers (Shutdown, then terminate any that do not exit)."""
+        """Stop the workers: Shutdown when the group is in step, then SIGTERM, then SIGKILL
+        (which also ends a SIGSTOPped rank), each within SHUTDOWN_S: a bounded exit, always."""
         if self._closed:
             return
-        if self._group is not None and all(p.exitcode is None for p in self._procs):
+        asked = False               # whether the workers were told to exit (then: a grace)
+        if (self._group is not None and not self._desynced
+                and all(p.exitcode is None for p in self._procs)):
             try:
-                self.call(Shutdown())
+                self._group.broadcast_bytes(encode(Shutdown()), deadline_s=SHUTDOWN_S)
+                asked = True
             except Exception:
                 pass
         self._closed = True
@@ -187,11 +235,8 @@ class Engine:
         if worker is not None and worker.pd is not None:      # rank 0's own P/D agent
             worker.pd.close()
             worker.pd = None
-        for p in self._procs:
-            p.join(5.0)
-            if p.exitcode is None:
-                p.terminate()
-                p.join(5.0)
+        # Not told (out of step, or still starting): nothing to wait for, signal them at once.
+        _stop_processes(self._procs, SHUTDOWN_S if asked else 0.0)
         self._procs, self._group = [], None
 
     def __enter__(self) -> "Engine":

@@ -2,18 +2,27 @@
 
 Each engine makes its own process groups from its own TCPStore, so one process can drive
 several engines (a prefill and a decode engine in one test or demo). Two groups:
-* control (gloo, CPU): rank 0 broadcasts each call; idle ranks wait here, so its timeout is long
-  (a dead rank 0 closes the sockets, and workers also watch their parent);
+* control (gloo, CPU): rank 0 broadcasts each call; idle ranks wait here, so their side's
+  timeout is long (a dead rank 0 closes the sockets, and workers also watch their parent).
+  Rank 0 never waits without a deadline (issue 12: one SIGSTOPped worker hung the engine):
+  it polls each of its control collectives until `deadline_s`, so a stopped rank becomes a
+  CollectiveTimeout and Ctrl-C reaches it between polls;
 * compute (gloo on CPU, nccl on CUDA): the model's all-reduces, with the engine's timeout.
 """
 from __future__ import annotations
 
 import datetime
+import time
 
 import torch
 import torch.distributed as dist
 
 CONTROL_TIMEOUT = datetime.timedelta(days=7)
+POLL_S = 0.0002             # rank 0's poll of a pending control collective
+
+
+class CollectiveTimeout(RuntimeError):
+    """A rank did not take part in a control collective before the deadline (stopped, hung)."""
 
 
 class GroupComm:
@@ -32,6 +41,7 @@ class RankGroup:
                  timeout_s: float, store: dist.TCPStore | None = None):
         timeout = datetime.timedelta(seconds=timeout_s)
         self.rank, self.size = rank, size
+        self.deadline_s = timeout_s         # rank 0's bound on each control collective
         self.store = store or dist.TCPStore(host, port, size, False, timeout=timeout)
         self.control = dist.ProcessGroupGloo(dist.PrefixStore("control", self.store), rank, size,
                                              CONTROL_TIMEOUT)
@@ -50,27 +60,45 @@ class RankGroup:
         return dist.TCPStore("127.0.0.1", 0, size, True, wait_for_workers=False,
                              timeout=datetime.timedelta(seconds=timeout_s))
 
-    def broadcast_bytes(self, data: bytes | None) -> bytes:
+    def broadcast_bytes(self, data: bytes | None, deadline_s: float | None = None) -> bytes:
         """Rank 0 passes the bytes; every rank returns them. Length first, then payload."""
+        until = self._until(deadline_s)
         n = torch.tensor([len(data) if self.rank == 0 else 0], dtype=torch.int64)
-        self.control.broadcast(n, 0).wait()
+        self._wait(self.control.broadcast(n, 0), until, "broadcast")
         if self.rank == 0:
             buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         else:
             buf = torch.empty(int(n), dtype=torch.uint8)
         if buf.numel():
-            self.control.broadcast(buf, 0).wait()
+            self._wait(self.control.broadcast(buf, 0), until, "broadcast")
         return data if self.rank == 0 else buf.numpy().tobytes()
 
-    def gather_bytes(self, data: bytes) -> list[bytes]:
+    def gather_bytes(self, data: bytes, deadline_s: float | None = None) -> list[bytes]:
         """Every rank's bytes, on every rank (all-gather of padded buffers)."""
+        until = self._until(deadline_s)
         n = torch.tensor([len(data)], dtype=torch.int64)
         lens = [torch.zeros(1, dtype=torch.int64) for _ in range(self.size)]
-        self.control.allgather([lens], [n]).wait()
+        self._wait(self.control.allgather([lens], [n]), until, "gather")
         width = max(1, max(int(x) for x in lens))
         mine = torch.zeros(width, dtype=torch.uint8)
         if data:
             mine[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         bufs = [torch.empty(width, dtype=torch.uint8) for _ in range(self.size)]
-        self.control.allgather([bufs], [mine]).wait()
+        self._wait(self.control.allgather([bufs], [mine]), until, "gather")
         return [b[:int(k)].numpy().tobytes() for b, k in zip(bufs, lens)]
+
+    def _until(self, deadline_s: float | None) -> float | None:
+        if self.rank != 0:
+            return None                     # workers wait for rank 0 as long as it lives
+        return time.monotonic() + (self.deadline_s if deadline_s is None else deadline_s)
+
+    def _wait(self, work, until: float | None, what: str) -> None:
+        if until is None:
+            work.wait()
+            return
+        while not work.is_completed():      # Python runs between polls: Ctrl-C gets through
+            if time.monotonic() > until:
+                raise CollectiveTimeout(f"a TP rank did not join the control {what} within "
+                                        f"the deadline (stopped or hung?)")
+            time.sleep(POLL_S)
+        work.wait()                         # raises what the collective failed with

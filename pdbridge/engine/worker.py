@@ -7,6 +7,7 @@ every rank runs the same forward with its own shard and its own caches.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import threading
 import time
@@ -107,6 +108,9 @@ def _rank_device(device: str, rank: int) -> torch.device:
 
 def worker_main(rank: int, args: WorkerArgs, port: int, parent_pid: int) -> None:
     """Process entry of ranks 1..t-1: build, then run calls until Shutdown."""
+    # Ctrl-C in a terminal signals the whole process group; the engine's process (rank 0)
+    # alone decides how its ranks stop (Engine.close), so a worker never dies mid-collective.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)     # already so when Engine spawned it
     torch.set_num_threads(args.num_threads)
     _watch_parent(parent_pid)
     try:
