@@ -5,6 +5,8 @@ agent, serves its metadata over the handshake, gathers permuted bytes when asked
 collects the decode ranks' ReadDone notifications. A decode rank plans its own reads against
 the prefill layout (pure planner), fetches the metadata of exactly the prefill ranks its plan
 reads from (once per engine), pulls, restores, and notifies every prefill rank it read from.
+In push mode (pd_push.py) the prefill rank writes into the decode ranks during its last
+prefill step instead, and the decode rank polls for their PushDone notifications.
 """
 from __future__ import annotations
 
