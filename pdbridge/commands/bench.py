@@ -9,6 +9,7 @@ import sys
 
 STRATEGIES = ("direct", "staging", "permute")
 CONV_LAYOUTS = ("DS", "SD")
+MODES = ("pull", "push")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,6 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--no-layer-interleave", dest="layer_interleave", action="store_false",
                    help="one cache region per layer instead of per tensor shape (layers "
                         "interleaved, the default: few large reads per request)")
+    p.add_argument("--mode", default="pull", help=f"comma-separated, of {', '.join(MODES)}: "
+                   "push adds a phase timing pull against push from the end of prefill")
+    p.add_argument("--layer-us-per-token", type=float, default=0.5,
+                   help="push phase: simulated prefill compute per layer per token, in us "
+                        "(default 0.5: 2 ms per layer at 4,096 tokens)")
     p.add_argument("--json", action="store_true", help="print rows as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="write limit ratio vs tokens")
 
@@ -55,6 +61,11 @@ def run(args) -> int:
     if args.plot and not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):
         return _fail(f"--plot={args.plot!r}: folder {os.path.dirname(os.path.abspath(args.plot))} "
                      f"does not exist (checked before the benchmark runs)")
+    modes = tuple(m.strip() for m in args.mode.split(","))
+    if not modes or any(m not in MODES for m in modes):
+        return _fail(f"--mode={args.mode!r}; allowed: comma-separated of {', '.join(MODES)}")
+    if args.layer_us_per_token <= 0:
+        return _fail(f"--layer-us-per-token={args.layer_us_per_token}; allowed: > 0")
     from .bench_transfer import BenchConfig, run_bench
     strategies = STRATEGIES if args.strategy == "all" else (args.strategy,)
     cfg = BenchConfig(args.model, args.prefill_tp, args.decode_tp, tokens, strategies,
@@ -63,11 +74,18 @@ def run(args) -> int:
         cfg.layouts()
     except ValueError as e:
         return _fail(str(e))
-    rows = run_bench(cfg)
+    rows = run_bench(cfg) if "pull" in modes else []
+    push_rows = []
+    if "push" in modes:
+        from .bench_push import run_push_bench
+        push_rows = run_push_bench(cfg, args.layer_us_per_token)
     if args.json:
-        print(json.dumps(rows, indent=1))
+        print(json.dumps(rows + push_rows if push_rows else rows, indent=1))
     else:
-        _print_table(cfg, rows)
+        if rows:
+            _print_table(cfg, rows)
+        if push_rows:
+            _print_push_table(cfg, push_rows, args.layer_us_per_token)
     if args.plot:
         _plot(rows, args.plot)
     return 0
@@ -84,6 +102,20 @@ def _print_table(cfg, rows) -> None:
         print(f"{r['tokens']:>7} {r['strategy']:>10} {r['descriptors']:>7} {r['indices']:>8} "
               f"{r['nbytes'] / 2**20:>9.1f} {r['time_ms']:>8.2f} {r['gb_per_s']:>6.2f} "
               f"{r['limit_ratio']:>7.3f} {r['vs_per_block']:>12.2f}")
+
+
+def _print_push_table(cfg, rows, us_per_token: float) -> None:
+    print(f"\npull vs push: time from the end of prefill until the decode ranks hold all their "
+          f"bytes (summed over decode ranks); one region per layer; prefill simulated at "
+          f"{us_per_token:g} us per token per layer; /limit = single-read time / time "
+          f"(push: > 1 when earlier layers' bytes were already there)")
+    print(f"{'tokens':>7} {'mode':>5} {'strategy':>9} {'descs':>7} {'MiB':>9} {'prefill ms':>10} "
+          f"{'ms after':>9} {'/limit':>7}")
+    for r in rows:
+        print(f"{r['tokens']:>7} {r['mode']:>5} {r['strategy']:>9} {r['descriptors']:>7} "
+              f"{r['nbytes'] / 2**20:>9.1f} {r['prefill_ms']:>10.1f} {r['time_ms']:>9.2f} "
+              f"{r['limit_ratio']:>7.3f}")
+    print("push: strategy direct only (staging and permute refused in push mode)")
 
 
 def _plot(rows, path: str) -> None:

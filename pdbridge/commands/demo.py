@@ -34,6 +34,10 @@ def add_arguments(parser) -> None:
                              "requests go to them in turn (default 2)")
     parser.add_argument("--strategy", default="auto", choices=STRATEGIES,
                         help="how decode ranks read Mamba conv state (default auto)")
+    parser.add_argument("--transfer-mode", default="pull", choices=("pull", "push"),
+                        help="pull: decode ranks read after the prefill (default); push: "
+                             "prefill ranks write each layer into the decode blocks as the "
+                             "prefill computes it (strategy direct; auto means direct)")
     parser.add_argument("--conv-layout", default="DS", choices=("SD", "DS"),
                         help="conv state layout of both engines (default DS)")
     parser.add_argument("--prefill-conv-layout", choices=("SD", "DS"),
@@ -60,6 +64,8 @@ def _check(args) -> tuple[str, list[int]]:
         return f"--decode-tp {args.decode_tp!r}: sizes must be >= 1", []
     if args.prefill_tp < 1:
         return f"--prefill-tp must be >= 1, got {args.prefill_tp}", []
+    if args.transfer_mode == "push" and args.strategy not in ("direct", "auto"):
+        return (f"--strategy {args.strategy} with --transfer-mode push; allowed: direct, auto", [])
     if args.requests < 1 or args.max_tokens < 1:
         return "--requests and --max-tokens must be >= 1", []
     if args.transport == "local" and (args.prefill_tp != 1 or decode_tps != [1] * len(decode_tps)):
@@ -133,7 +139,7 @@ def _disaggregated(args, model, decode_tps, pre_cache, dec_cache, prompts, sampl
     from pdbridge.serve.prefill_node import PrefillNode
     from pdbridge.serve.router import PDRouter
     say(f"starting prefill engine (TP={args.prefill_tp}) and decode engines "
-        f"(TP={','.join(map(str, decode_tps))}) over {args.transport}")
+        f"(TP={','.join(map(str, decode_tps))}) over {args.transport}, {args.transfer_mode}")
     t0 = time.perf_counter()
     nodes = []
     try:
@@ -141,7 +147,7 @@ def _disaggregated(args, model, decode_tps, pre_cache, dec_cache, prompts, sampl
         nodes.append(prefill)
         for d in decode_tps:
             nodes.append(DecodeNode(model, d, dec_cache, transport=args.transport,
-                                    strategy=args.strategy))
+                                    strategy=args.strategy, transfer_mode=args.transfer_mode))
         say(f"engines up in {time.perf_counter() - t0:.1f} s")
         return PDRouter(prefill, nodes[1:], progress=say).run(prompts, sampling)
     finally:
@@ -172,7 +178,7 @@ def _summary(rows, args, decode_tps) -> dict:
     return {
         "model": args.model or "embedded default", "prefill_tp": args.prefill_tp,
         "decode_tp": decode_tps, "strategy": args.strategy, "conv_layout": args.conv_layout,
-        "transport": args.transport, "requests": n,
+        "transport": args.transport, "transfer_mode": args.transfer_mode, "requests": n,
         "matching": sum(r["matches"] for r in rows),
         "recomputed": sum(r["recomputed"] for r in rows),
         "mean_ttft_ms": mean("ttft_ms"), "mean_prefill_ms": mean("prefill_ms"),
@@ -195,7 +201,8 @@ def _print_table(rows, s) -> None:
             print(f"      {r['text']!r}")
     print(f"\nsummary: {s['matching']}/{s['requests']} requests match the monolithic engine; "
           f"prefill TP={s['prefill_tp']} -> decode TP={','.join(map(str, s['decode_tp']))}, "
-          f"strategy {s['strategy']}, conv {s['conv_layout']}, transport {s['transport']}")
+          f"strategy {s['strategy']}, conv {s['conv_layout']}, transport {s['transport']} "
+          f"({s['transfer_mode']})")
     print(f"mean TTFT {s['mean_ttft_ms']:.1f} ms = prefill {s['mean_prefill_ms']:.1f} + transfer "
           f"{s['mean_transfer_ms']:.1f} + first decode step {s['mean_first_step_ms']:.1f}; "
           f"{s['bytes'] / 2**20:.2f} MiB in {s['descriptors']} descriptors; "

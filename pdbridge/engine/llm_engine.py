@@ -17,6 +17,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -125,6 +126,7 @@ class Engine:
         self._requests: dict[int, Request] = {}
         self._generators: dict[int, torch.Generator | None] = {}
         self._ids = itertools.count()
+        self._before_last_step: dict[int, Callable[[RequestHandle], None]] = {}
 
     @property
     def caches(self):
@@ -276,10 +278,16 @@ class Engine:
         self._register(req)
         return req.request_id
 
-    def prefill_for_transfer(self, prompt_ids) -> RequestHandle:
+    def prefill_for_transfer(self, prompt_ids,
+                             before_last_step: Callable[[RequestHandle], None] | None = None
+                             ) -> RequestHandle:
         """Compute the first N-1 prompt tokens (running other requests' steps meanwhile) and
-        hand back the blocks holding them; `release` frees them."""
+        hand back the blocks holding them; `release` frees them. `before_last_step` is called
+        with the final blocks just before the step that ends the prefill (push mode arms the
+        ranks' layer-by-layer writes there)."""
         rid = self.add_prefill(prompt_ids)
+        if before_last_step is not None:
+            self._before_last_step[rid] = before_last_step
         req = self._requests[rid]
         while req.status is not RequestStatus.PREFILLED:
             self.step()
@@ -331,6 +339,11 @@ class Engine:
         if not chunks:
             self._raise_if_stuck()
             return []
+        for c in chunks:
+            req = c.request
+            if req.compute_target == c.context_len + c.query_len and \
+                    req.request_id in self._before_last_step:
+                self._before_last_step.pop(req.request_id)(self._handle(req, req.compute_target))
         logits = self.call(_step_call(chunks))
         outputs = []
         for i, c in enumerate(chunks):

@@ -24,12 +24,14 @@ class PDSetup(WorkerCall):
     transport: str              # "nixl" | "local"
     scratch_nbytes: int
     timeout_s: float = 30.0
+    transfer_mode: str = "pull"     # "pull" | "push": push decode ranks poll for PushDone
 
 
 class PDRankInfo(msgspec.Struct):
     rank: int
     endpoint: str               # prefill: the metadata server's address; decode: ""
     scratch_nbytes: int
+    agent_metadata: bytes = b""     # this rank's transport metadata (push: decode ranks')
 
 
 class ChooseStrategy(WorkerCall):
@@ -117,3 +119,39 @@ class PullResult(msgspec.Struct):
     nbytes: int = 0
     descriptors: int = 0
     seconds: float = 0.0
+
+
+# ---- push mode -------------------------------------------------------------------------------
+
+class PushTarget(msgspec.Struct, frozen=True):
+    """Where a prefill engine writes one request in push mode, every fact once: the decode
+    engine's blocks (allocated before prefill starts), its layout (digest checked on arrival,
+    never re-derived) and each decode rank's transport metadata. May cross a network."""
+    push_id: str                            # the decode engine's name for it, echoed in PushDone
+    decode_engine_id: str
+    decode_layout: dict[str, Any]           # EngineLayout.to_dict(), with its digest
+    agents: list[bytes]                     # per decode rank: its transport metadata
+    decode_blocks: tuple[int, tuple[int, ...], int]   # RequestBlocks fields
+    strategy: Strategy = Strategy.DIRECT
+    timeout_s: float = 30.0                 # for the prefill ranks' writes
+
+
+class ArmPush(WorkerCall):
+    """Prefill ranks: the next Step ends this request's prefill; after each layer of it,
+    write that layer's final bytes into every decode rank this rank serves, then notify."""
+    handler: ClassVar[str] = "pd.arm_push"
+    prefill_blocks: tuple[int, tuple[int, ...], int]
+    target: PushTarget
+
+
+class AwaitPush(WorkerCall):
+    """Decode ranks: wait until every prefill rank this rank's plan reads from has reported
+    (PushDone) writing its share of push_id; answers a PullResult."""
+    handler: ClassVar[str] = "pd.await_push"
+    collect: ClassVar[bool] = True
+    push_id: str
+    prefill_engine_id: str
+    prefill_layout: dict[str, Any]
+    prefill_blocks: tuple[int, tuple[int, ...], int]
+    decode_blocks: tuple[int, tuple[int, ...], int]
+    timeout_s: float = 30.0

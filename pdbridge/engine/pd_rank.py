@@ -5,6 +5,8 @@ agent, serves its metadata over the handshake, gathers permuted bytes when asked
 collects the decode ranks' ReadDone notifications. A decode rank plans its own reads against
 the prefill layout (pure planner), fetches the metadata of exactly the prefill ranks its plan
 reads from (once per engine), pulls, restores, and notifies every prefill rank it read from.
+In push mode (pd_push.py) the prefill rank writes into the decode ranks during its last
+prefill step instead, and the decode rank polls for their PushDone notifications.
 """
 from __future__ import annotations
 
@@ -24,9 +26,12 @@ from pdbridge.transport.handshake import (MetadataServer, PeerDirectory, RankMet
 from pdbridge.transport.messages import LeaseRenew, ReadDone, RegionAddr, encode
 from pdbridge.transport.transport import buffer_info
 
-from .pd_calls import (ChooseStrategy, ForgetRequest, Notifications, PDRankInfo, PDSetup,
-                       PollNotifications, PreparePermute, Pull, PullResult, ScratchBases,
-                       StrategyChoice)
+from pdbridge.transport.messages import ProtocolError, PushDone, decode
+
+from .pd_calls import (ArmPush, AwaitPush, ChooseStrategy, ForgetRequest, Notifications,
+                       PDRankInfo, PDSetup, PollNotifications, PreparePermute, Pull, PullResult,
+                       ScratchBases, StrategyChoice)
+from .pd_push import PushInbox, PushSender
 from .scratch_allocator import ScratchAllocator
 
 POLL_INTERVAL_S = 0.001     # the passive NIXL side must progress about every ms (REFERENCE.md)
@@ -46,6 +51,8 @@ class PDRank:
     def __init__(self, worker: Any, call: PDSetup):
         if call.role not in ("prefill", "decode"):
             raise ValueError(f"role={call.role!r}; allowed: prefill, decode")
+        if call.transfer_mode not in ("pull", "push"):
+            raise ValueError(f"transfer_mode={call.transfer_mode!r}; allowed: pull, push")
         self.rank, self.layout, self.caches = worker.rank, worker.layout, worker.caches
         self.role, self.engine_id, self.timeout_s = call.role, call.engine_id, call.timeout_s
         self.transport = make_transport(call.transport, peer_name(call.engine_id, self.rank))
@@ -54,16 +61,24 @@ class PDRank:
                                         layout_zones(self.layout.rank(self.rank)))
         self._layouts: dict[str, EngineLayout] = {self.layout.digest: self.layout}
         self.server: MetadataServer | None = None
+        self._agent_lock = threading.Lock()     # the poller and push writes share the agent
+        self._poller: threading.Thread | None = None
+        self.push = PushSender(self.rank, self.engine_id, self.layout, self.transport,
+                               self._agent_lock, self._layout)
         if self.role == "prefill":
             self._start_prefill()
         else:
             self.directory = PeerDirectory(self.layout, self.engine_id, self.rank,
                                            timeout_s=self.timeout_s, strategy=Strategy.DIRECT,
                                            add_peer=self.transport.add_peer)
+            self.inbox = PushInbox(self.rank, self.layout, self._layout)
+            if call.transfer_mode == "push":    # writes land here: progress the passive side
+                self._start_poller(self._keep_push_done)
 
     def info(self) -> PDRankInfo:
         return PDRankInfo(self.rank, self.server.endpoint if self.server else "",
-                          0 if self.scratch is None else len(self.scratch))
+                          0 if self.scratch is None else len(self.scratch),
+                          self.transport.metadata())
 
     # ---- prefill side ------------------------------------------------------------------
 
@@ -77,8 +92,11 @@ class PDRank:
         meta = RankMetadata(self.engine_id, self.rank, self.layout, self.transport.metadata(),
                             regions, scratch)
         self.server = MetadataServer(meta, on_notification=lambda m: self._keep(encode(m)))
+        self._start_poller(self._keep)
+
+    def _start_poller(self, keep) -> None:
         self._stop = threading.Event()
-        self._poller = threading.Thread(target=self._poll_loop, daemon=True,
+        self._poller = threading.Thread(target=self._poll_loop, args=(keep,), daemon=True,
                                         name=f"pd-notifs-{self.engine_id}-{self.rank}")
         self._poller.start()
 
@@ -86,15 +104,50 @@ class PDRank:
         with self._lock:
             self._inbox.append((time.monotonic(), message))
 
-    def _poll_loop(self) -> None:
-        """Drive the passive side's progress and keep its notifications for PollNotifications."""
+    def _poll_loop(self, keep) -> None:
+        """Drive the passive side's progress and hand each notification to `keep`."""
         while not self._stop.is_set():
             try:
-                for _, message in self.transport.get_notifications():
-                    self._keep(message)
+                with self._agent_lock:
+                    notifs = self.transport.get_notifications()
+                for _, message in notifs:
+                    keep(message)
             except Exception:       # closed under us at shutdown
                 return
             time.sleep(POLL_INTERVAL_S)
+
+    # ---- push mode (pd_push.py) ----------------------------------------------------------
+
+    def arm_push(self, call: ArmPush) -> None:
+        self.push.arm(call)
+
+    def layer_hook(self):
+        """The model's per-layer callback for the coming forward, if a push is armed."""
+        if not self.push.armed:
+            return None
+        sync = self.caches.region_buffers and getattr(self.caches.region_buffers[0], "is_cuda", False)
+        if not sync:
+            return self.push.after_layer
+        import torch
+
+        def after_layer(layer: int) -> None:
+            torch.cuda.current_stream().synchronize()   # the layer's cache writes have landed
+            self.push.after_layer(layer)
+        return after_layer
+
+    def finish_push(self, error: str = "") -> None:
+        self.push.finish(error)
+
+    def await_push(self, call: AwaitPush) -> PullResult:
+        return self.inbox.await_push(call)
+
+    def _keep_push_done(self, message: bytes) -> None:
+        try:
+            msg = decode(message)
+        except ProtocolError:
+            return                  # a malformed notification completes nothing
+        if isinstance(msg, PushDone):
+            self.inbox.add(msg)
 
     def poll_notifications(self, call: PollNotifications) -> Notifications:
         with self._lock:
@@ -186,9 +239,10 @@ class PDRank:
         return self._layouts[digest]
 
     def close(self) -> None:
-        if self.server is not None:
+        if self._poller is not None:
             self._stop.set()
             self._poller.join(1.0)
+        if self.server is not None:
             self.server.close()
         self.transport.close()
 

@@ -82,7 +82,19 @@ class Worker:
                              call.block_tables, call.state_slots)
         if self.device.type != "cpu":
             batch = ForwardBatch(*(getattr(batch, f).to(self.device) for f in _BATCH_FIELDS))
-        return self.model(batch, self.caches)
+        hook = self.pd.layer_hook() if self.pd is not None else None
+        if hook is None:
+            return self.model(batch, self.caches)
+        self.model.after_layer = hook       # push mode: write each layer's final bytes
+        try:
+            logits = self.model(batch, self.caches)
+        except BaseException as e:
+            self.pd.finish_push(f"the prefill forward failed: {type(e).__name__}: {e}")
+            raise
+        finally:
+            self.model.after_layer = None
+        self.pd.finish_push()
+        return logits
 
     def describe(self, call: Describe) -> RankInfo:
         return RankInfo(self.rank, self.layout.digest,

@@ -33,6 +33,9 @@ class HybridModel(nn.Module):
             self.shared, self.layers = build_zamba2_layers(spec, arch, comm, names)
         self.final_norm = RMSNorm(d, arch.eps)
         self.lm_head = nn.Linear(d, spec.vocab_size, bias=False)
+        # Called with each layer's index once it has run (its caches hold that layer's state
+        # for this batch): P/D push mode writes final bytes from here (engine/pd_push.py).
+        self.after_layer = None
 
     @torch.no_grad()
     def forward(self, batch: ForwardBatch, caches, all_logits: bool = False) -> torch.Tensor:
@@ -40,8 +43,10 @@ class HybridModel(nn.Module):
         if self.arch.embedding_multiplier != 1.0:
             h = h * self.arch.embedding_multiplier
         emb = h
-        for block in self.layers:
+        for i, block in enumerate(self.layers):
             h = block(h, batch, caches, emb)
+            if self.after_layer is not None:
+                self.after_layer(i)
         if not all_logits:
             h = h[batch.last_token_index()]
         h = self.final_norm(h)

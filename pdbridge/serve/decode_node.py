@@ -3,6 +3,10 @@ off a prefill engine, and falls back to recomputing the prompt when a pull fails
 
 Each decode rank plans and pulls its own reads (PDRank.pull); the last prompt token then runs
 as an ordinary decode step (query_len 1, context N-1) in the engine's decode batch.
+
+Push mode (`transfer_mode="push"`): blocks are allocated first and their table sent to the
+prefill engine (`push_target`), whose ranks write into them layer by layer; `await_push`
+waits for every writer's PushDone, then decodes, or recomputes / fails like a failed pull.
 """
 from __future__ import annotations
 
@@ -11,9 +15,10 @@ import itertools
 from dataclasses import dataclass
 
 from pdbridge.engine.llm_engine import Engine, RequestHandle
-from pdbridge.engine.pd_calls import ChooseStrategy, PDSetup, Pull, PullResult
+from pdbridge.engine.pd_calls import (AwaitPush, ChooseStrategy, PDSetup, Pull, PullResult,
+                                     PushTarget)
 from pdbridge.engine.request import SamplingParams
-from pdbridge.plan import Strategy, parse_strategy
+from pdbridge.plan import PUSH_STRATEGIES, Strategy, parse_strategy
 from pdbridge.plan.strategies import STAGE_ALIGN
 from pdbridge.spec import CacheConfig, EngineLayout
 
@@ -25,6 +30,19 @@ _ENGINE_IDS = itertools.count()
 class OnFailure(enum.Enum):
     RECOMPUTE = "recompute"     # compute the prompt here instead (the default)
     FAIL = "fail"               # end the request with an error
+
+
+class TransferMode(enum.Enum):
+    PULL = "pull"               # decode ranks read after the prefill ends (DESIGN.md section 5)
+    PUSH = "push"               # prefill ranks write into decode blocks, layer by layer
+
+
+def parse_transfer_mode(mode: "TransferMode | str") -> TransferMode:
+    try:
+        return TransferMode(mode)
+    except ValueError:
+        raise ValueError(f"transfer_mode={mode!r}; allowed: "
+                         f"{', '.join(m.value for m in TransferMode)}") from None
 
 
 class PullFailed(RuntimeError):
@@ -57,16 +75,21 @@ class DecodeNode:
                  strategy: Strategy | str = Strategy.AUTO,
                  on_failure: OnFailure | str = OnFailure.RECOMPUTE,
                  staging_nbytes: int | None = None, timeout_s: float = 60.0,
-                 pull_timeout_s: float = 30.0):
+                 pull_timeout_s: float = 30.0, transfer_mode: TransferMode | str = "pull"):
         self.engine_id = engine_id or f"decode{next(_ENGINE_IDS)}"
+        self.transfer_mode = parse_transfer_mode(transfer_mode)
         self.strategy = parse_strategy(strategy)
+        if self.transfer_mode is TransferMode.PUSH:
+            self.strategy = push_strategy(self.strategy)
         self.on_failure = OnFailure(on_failure)
         self.pull_timeout_s = pull_timeout_s       # handshake and reads of one pull
         self.engine = Engine(model_dir, tp_size, cache_config, timeout_s=timeout_s)
         self.layout: EngineLayout = self.engine.layout
         self.layout_dict = self.layout.to_dict()
         nbytes = staging_nbytes if staging_nbytes is not None else default_staging_nbytes(self.layout)
-        self.engine.call(PDSetup("decode", self.engine_id, transport, nbytes, pull_timeout_s))
+        infos = self.engine.call(PDSetup("decode", self.engine_id, transport, nbytes,
+                                         pull_timeout_s, self.transfer_mode.value))
+        self.agents = [i.agent_metadata for i in sorted(infos, key=lambda i: i.rank)]
 
     @property
     def tp_size(self) -> int:
@@ -113,6 +136,36 @@ class DecodeNode:
             return PullOutcome(handle.request_id, True, False, results)
         return self._failed(handle, results)
 
+    # ---- push mode ----------------------------------------------------------------------
+
+    def push_target(self, handle: RequestHandle) -> PushTarget:
+        """What the prefill engine needs to write this request's blocks: sent before it
+        starts the prefill."""
+        if self.transfer_mode is not TransferMode.PUSH:
+            raise ValueError(f"push_target on a node with transfer_mode="
+                             f"{self.transfer_mode.value!r}; allowed: push")
+        b = handle.blocks
+        return PushTarget(f"{self.engine_id}:{handle.request_id}", self.engine_id,
+                          self.layout_dict, self.agents,
+                          (b.num_tokens, b.attn_blocks, b.state_block), self.strategy,
+                          self.pull_timeout_s)
+
+    def await_push(self, handle: RequestHandle, params: TransferParams,
+                   target: PushTarget) -> PullOutcome:
+        """Every decode rank waits for the PushDone of each prefill rank its plan names;
+        then the request decodes, or (any failure or timeout) recomputes or fails."""
+        b = handle.blocks
+        if b.num_tokens != params.num_tokens:
+            raise ValueError(f"decode blocks hold {b.num_tokens} tokens, the prefill engine "
+                             f"computed {params.num_tokens}")
+        results = tuple(sorted(self.engine.call(AwaitPush(
+            target.push_id, params.engine_id, params.layout, params.prefill_blocks,
+            target.decode_blocks, self.pull_timeout_s)), key=lambda r: r.rank))
+        if all(r.ok for r in results):
+            self.engine.state_arrived(handle.request_id)
+            return PullOutcome(handle.request_id, True, False, results)
+        return self._failed(handle, results)
+
     def _failed(self, handle: RequestHandle, results: tuple[PullResult, ...]) -> PullOutcome:
         req = self.engine.request(handle.request_id)
         self.engine.abort(handle.request_id)
@@ -124,6 +177,17 @@ class DecodeNode:
 
     def close(self) -> None:
         self.engine.close()
+
+
+def push_strategy(strategy: Strategy) -> Strategy:
+    """The strategy a push-mode node plans with: `auto` is `direct` (staging and permute
+    need a local copy around the transfer, which layer-by-layer writes cannot wait for)."""
+    if strategy is Strategy.AUTO:
+        return Strategy.DIRECT
+    if strategy not in PUSH_STRATEGIES:
+        raise ValueError(f"strategy={strategy.value!r} with transfer_mode='push'; allowed: "
+                         f"{', '.join(s.value for s in PUSH_STRATEGIES)}, auto")
+    return strategy
 
 
 def default_staging_nbytes(layout: EngineLayout, max_sources: int = 8) -> int:

@@ -2,7 +2,9 @@
 
 It computes the first N-1 prompt tokens of each request, keeps the blocks under a lease, and
 frees them exactly once: when every expected decode rank has said it is done reading, or
-when the lease expires (DESIGN.md section 5).
+when the lease expires (DESIGN.md section 5). In push mode (`prefill(..., push_to=target)`)
+its ranks write each layer's bytes into the decode blocks while the last prefill step runs
+(engine/pd_push.py), and the blocks are freed as soon as that step has ended: nobody reads them.
 """
 from __future__ import annotations
 
@@ -11,8 +13,9 @@ import time
 from typing import Callable
 
 from pdbridge.engine.llm_engine import Engine, RequestHandle
-from pdbridge.engine.pd_calls import ForgetRequest, PDSetup, PollNotifications, PreparePermute
-from pdbridge.plan import Strategy
+from pdbridge.engine.pd_calls import (ArmPush, ForgetRequest, PDSetup, PollNotifications,
+                                     PreparePermute, PushTarget)
+from pdbridge.plan import Strategy, check_push_strategy
 from pdbridge.spec import CacheConfig, EngineLayout
 from pdbridge.transport.bookkeeping import LeaseTable, Release
 from pdbridge.transport.messages import LeaseRenew, ProtocolError, ReadDone, decode
@@ -37,12 +40,16 @@ class PrefillNode:
         infos = self.engine.call(PDSetup("prefill", self.engine_id, transport, nbytes, timeout_s))
         self.endpoints = [i.endpoint for i in sorted(infos, key=lambda i: i.rank)]
         self.released: list[Release[RequestHandle]] = []
+        self.pushed = 0                     # requests pushed (and freed at once)
 
-    def prefill(self, prompt_ids) -> TransferParams:
-        """Compute tokens 0..N-2 and keep their blocks until the decode side has read them."""
+    def prefill(self, prompt_ids, push_to: PushTarget | None = None) -> TransferParams:
+        """Compute tokens 0..N-2 and keep their blocks until the decode side has read them;
+        with `push_to`, write them into the decode blocks layer by layer instead."""
         if len(prompt_ids) < 2:
             raise ValueError("a disaggregated prompt needs at least 2 tokens (N-1 prefilled here, "
                              "the last one computed by the decode engine)")
+        if push_to is not None:
+            return self._prefill_push(prompt_ids, push_to)
         handle = self.engine.prefill_for_transfer(prompt_ids)
         rid = f"{self.engine_id}:{handle.request_id}"
         self.leases.register(rid, handle, self.clock())
@@ -50,6 +57,21 @@ class PrefillNode:
         return TransferParams(self.engine_id, rid, b.num_tokens, (b.num_tokens, b.attn_blocks,
                               b.state_block), self._layout_dict, self.endpoints,
                               self.leases.deadline(rid))
+
+    def _prefill_push(self, prompt_ids, target: PushTarget) -> TransferParams:
+        check_push_strategy(target.strategy)     # here: a raising worker call ends a rank
+
+        def arm(h: RequestHandle) -> None:
+            b = h.blocks
+            self.engine.call(ArmPush((b.num_tokens, b.attn_blocks, b.state_block), target))
+        handle = self.engine.prefill_for_transfer(prompt_ids, before_last_step=arm)
+        # Every rank wrote, waited and sent PushDone inside the last step: free once, now.
+        self.engine.release(handle)
+        self.pushed += 1
+        b = handle.blocks
+        return TransferParams(self.engine_id, f"{self.engine_id}:{handle.request_id}",
+                              b.num_tokens, (b.num_tokens, b.attn_blocks, b.state_block),
+                              self._layout_dict, self.endpoints, self.clock())
 
     def expect_readers(self, params: TransferParams, decode_engine_id: str, decode_tp: int) -> None:
         """Name the decode ranks that will read the request (known once the router chose)."""

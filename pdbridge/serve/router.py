@@ -15,7 +15,7 @@ from typing import Callable
 from pdbridge.engine.request import SamplingParams
 from pdbridge.plan import Strategy
 
-from .decode_node import DecodeNode
+from .decode_node import DecodeNode, TransferMode
 from .prefill_node import PrefillNode
 
 
@@ -70,6 +70,8 @@ class PDRouter:
     def _start(self, index: int, prompt: list[int], node: DecodeNode,
                sampling: SamplingParams) -> RequestRecord:
         rec = RequestRecord(index, prompt, node.engine_id, node.tp_size)
+        if node.transfer_mode is TransferMode.PUSH:
+            return self._start_push(rec, node, sampling)
         t0 = time.perf_counter()
         params = self.prefill.prefill(prompt)
         t1 = time.perf_counter()
@@ -87,8 +89,29 @@ class PDRouter:
                             strategies=strategies)
         t2 = time.perf_counter()
         self.prefill.poll()
+        return self._record(rec, node, outcome, t1 - t0, t2 - t1)
+
+    def _start_push(self, rec: RequestRecord, node: DecodeNode,
+                    sampling: SamplingParams) -> RequestRecord:
+        """Push: decode blocks first, their table to the prefill engine, whose ranks write
+        each layer's bytes as the prefill computes them; transfer_s is then only what is
+        left after the prefill step (the wait for every writer's PushDone)."""
+        handle = node.allocate(rec.prompt_ids, sampling)
+        target = node.push_target(handle)
+        t0 = time.perf_counter()
+        try:
+            params = self.prefill.prefill(rec.prompt_ids, push_to=target)
+        except BaseException:
+            node.engine.abort(handle.request_id)    # its blocks, freed once
+            raise
+        t1 = time.perf_counter()
+        outcome = node.await_push(handle, params, target)
+        return self._record(rec, node, outcome, t1 - t0, time.perf_counter() - t1)
+
+    def _record(self, rec: RequestRecord, node: DecodeNode, outcome, prefill_s: float,
+                transfer_s: float) -> RequestRecord:
         rec.request_id = outcome.request_id
-        rec.prefill_s, rec.transfer_s = t1 - t0, t2 - t1
+        rec.prefill_s, rec.transfer_s = prefill_s, transfer_s
         rec.nbytes, rec.descriptors = outcome.nbytes, outcome.descriptors
         rec.strategies = sorted({r.strategy for r in outcome.results if r.strategy})
         rec.recomputed, rec.errors = outcome.recomputed, outcome.errors

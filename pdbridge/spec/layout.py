@@ -162,6 +162,17 @@ class RankLayout:
         return sum(r.page_nbytes(num_blocks) for r in self.regions if not r.paged)
 
     @cached_property
+    def region_final_layer(self) -> tuple[int, ...]:
+        """Per region, the last layer whose tensors live in it: once a forward has run that
+        layer, a request's bytes in the region are final (push mode writes them then). One
+        layer per region, except layer-interleaved stacks, whose bytes are final only after
+        the stack's last layer."""
+        last = [-1] * len(self.regions)
+        for tl in self.tensors:
+            last[tl.region] = max(last[tl.region], tl.tensor.layer)
+        return tuple(last)
+
+    @cached_property
     def zone_origins(self) -> tuple:
         """Per region, the sorted int64 numpy array of its zone origins: where each tensor's
         slab starts, rounded down to ZONE_ALIGN; 0 always.

@@ -90,6 +90,29 @@ class LocalTransport:
         self._status[handle.id] = XferStatus(XferState.DONE)
         return handle
 
+    def write(self, peer: str, runs: ReadList, notify: bytes | None = None) -> XferHandle:
+        self._check_open()
+        md = self._peers.get(peer)
+        if md is None:
+            raise TransferError(f"unknown peer {peer!r}; known: {sorted(self._peers)}")
+        check_ranges(runs, [len(b) for b in self._regions],
+                     len(self._scratch) if self._scratch is not None else 0,
+                     [r[1] for r in md.regions], md.region_nbytes(-1), peer)
+        handle = XferHandle(next(_IDS), peer, len(runs), runs.total_nbytes)
+        remote = _AGENTS.get(peer)
+        if remote is None or remote._closed:
+            self._status[handle.id] = XferStatus(XferState.FAILED, f"peer {peer!r} is gone")
+            return handle
+        for i in range(len(runs)):
+            copy_bytes(buffer_for(remote._regions, remote._scratch, int(runs.dst_region[i])),
+                       int(runs.dst_offset[i]),
+                       buffer_for(self._regions, self._scratch, int(runs.src_region[i])),
+                       int(runs.src_offset[i]), int(runs.nbytes[i]))
+        if notify is not None:
+            remote._deliver(self.name, notify)
+        self._status[handle.id] = XferStatus(XferState.DONE)
+        return handle
+
     def poll(self, handle: XferHandle) -> XferStatus:
         if handle.id not in self._status:
             raise TransferError(f"handle {handle.id} is unknown or released")

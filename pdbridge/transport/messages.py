@@ -78,12 +78,24 @@ class LeaseRenew(_Message, tag="lease_renew"):
     decode_rank: int
 
 
+class PushDone(_Message, tag="push_done"):
+    """Push mode: prefill rank (prefill_engine_id, prefill_rank) finished writing its share
+    of push_id into decode rank decode_rank (ok), or could not (detail says why)."""
+    push_id: str
+    prefill_engine_id: str
+    prefill_rank: int
+    decode_rank: int
+    ok: bool = True
+    detail: str = ""
+    nbytes: int = 0
+
+
 class Ack(_Message, tag="ack"):
     """Reply to a notification sent over a request/reply socket."""
     request_id: str = ""
 
 
-Message = Union[MetadataRequest, MetadataReply, ErrorReply, ReadDone, LeaseRenew, Ack]
+Message = Union[MetadataRequest, MetadataReply, ErrorReply, ReadDone, LeaseRenew, PushDone, Ack]
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

@@ -187,6 +187,26 @@ class NixlTransport:
             raise TransferError(f"read from {peer}: {_err(e)}") from None
         return self._post(h, peer, num_descriptors, nbytes)
 
+    def write(self, peer: str, runs: ReadList, notify: bytes | None = None) -> XferHandle:
+        """Push mode: the same chunk tables as a read, local and remote roles swapped."""
+        self._check_open()
+        p = self._peers.get(peer)
+        if p is None:
+            raise TransferError(f"unknown peer {peer!r}; known: {sorted(self._peers)}")
+        check_ranges(runs, self._sizes, self._scratch_nbytes, [r[1] for r in p.md.regions],
+                     p.md.region_nbytes(SCRATCH), peer)
+        last_src, last_dst = len(self._sizes), len(p.md.regions)
+        src_region = np.where(runs.src_region == SCRATCH, last_src, runs.src_region)
+        dst_region = np.where(runs.dst_region == SCRATCH, last_dst, runs.dst_region)
+        local_idx, remote_idx = split_runs(self._table, src_region, runs.src_offset,
+                                           p.table, dst_region, runs.dst_offset, runs.nbytes)
+        try:
+            h = self._agent.make_prepped_xfer("WRITE", self._local_dlist, local_idx, p.dlist,
+                                              remote_idx, notif_msg=notify or b"")
+        except Exception as e:
+            raise TransferError(f"write to {peer}: {_err(e)}") from None
+        return self._post(h, peer, len(runs), runs.total_nbytes)
+
     def _post(self, h: Any, peer: str, num_descriptors: int, nbytes: int) -> XferHandle:
         handle = XferHandle(next(_IDS), peer, num_descriptors, nbytes)
         self._xfers[handle.id] = h
@@ -259,9 +279,9 @@ class NixlTransport:
             if status.state is XferState.DONE:
                 return status
             if status.state is XferState.FAILED:
-                raise TransferError(f"read from {handle.peer} failed: {status.reason}")
+                raise TransferError(f"transfer with {handle.peer} failed: {status.reason}")
             if time.monotonic() > deadline:
-                raise TransferError(f"read from {handle.peer} timed out after {timeout_s} s")
+                raise TransferError(f"transfer with {handle.peer} timed out after {timeout_s} s")
 
     def release(self, handle: XferHandle) -> None:
         h = self._xfers.pop(handle.id, None)

@@ -85,6 +85,7 @@ def buffer_info(buf: Any) -> BufferInfo:
 @dataclass(frozen=True)
 class ReadList:
     """Runs to read from one peer: src region/offset on the peer, dst region/offset here.
+    A write (push mode) takes the same runs the other way round: src here, dst on the peer.
 
     Region ids index the registered regions; SCRATCH names the scratch buffer of that side.
     """
@@ -190,8 +191,13 @@ class Transport(Protocol):
              prefill_rank: int | None = None) -> XferHandle:
         """Start reading `reads` from `peer`; `notify` is delivered to the peer on success."""
 
+    def write(self, peer: str, runs: ReadList, notify: bytes | None = None) -> XferHandle:
+        """Start writing `runs` into `peer` (push mode): src region/offset HERE, dst
+        region/offset on the peer, the direction of a read reversed; `notify` is delivered
+        to the peer once the bytes are there."""
+
     def poll(self, handle: XferHandle) -> XferStatus:
-        """Progress and report a read without blocking."""
+        """Progress and report a read or write without blocking."""
 
     def wait(self, handle: XferHandle, timeout_s: float) -> XferStatus:
         """Block until DONE; raise TransferError on FAILED or timeout."""

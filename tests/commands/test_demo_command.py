@@ -21,7 +21,18 @@ def test_demo_json_every_request_matches(capsys):
         assert r["ttft_ms"] == pytest.approx(r["prefill_ms"] + r["transfer_ms"] + r["first_step_ms"])
 
 
+def test_demo_push_mode_matches(capsys):
+    code = main(["demo", "--json", "--requests", "2", "--max-tokens", "4", "--transport", "local",
+                 "--decode-tp", "1", "--transfer-mode", "push"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0
+    s = out["summary"]
+    assert (s["transfer_mode"], s["requests"], s["matching"], s["recomputed"]) == ("push", 2, 2, 0)
+    assert all(r["strategy"] == "direct" and r["bytes"] > 0 for r in out["requests"])
+
+
 @pytest.mark.parametrize("argv,field", [
+    (["--transfer-mode", "push", "--strategy", "permute"], "--transfer-mode push"),
     (["--decode-tp", "2,x"], "--decode-tp"),
     (["--prefill-tp", "0"], "--prefill-tp"),
     (["--transport", "local", "--decode-tp", "2"], "--transport local"),

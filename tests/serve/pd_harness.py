@@ -9,7 +9,7 @@ import torch
 from pdbridge.engine.llm_engine import Engine
 from pdbridge.engine.request import SamplingParams
 from pdbridge.plan import Strategy
-from pdbridge.serve.decode_node import DecodeNode
+from pdbridge.serve.decode_node import DecodeNode, push_strategy
 from pdbridge.serve.prefill_node import PrefillNode
 from pdbridge.serve.router import PDRouter
 from pdbridge.spec import CacheConfig
@@ -58,20 +58,23 @@ def monolithic(model_dir, prompts, max_tokens: int) -> list[list[int]]:
 
 def run_pd(model_dir, prefill_tp: int, decode_tps: list[int], strategies: list[str],
            prompts, max_tokens: int, prefill_conv: str = "DS", decode_conv: str = "DS",
-           transport: str = "nixl", prefill_interleave: bool = False):
+           transport: str = "nixl", prefill_interleave: bool = False,
+           transfer_mode: str = "pull"):
     """Each strategy runs every prompt through P -> (each decode engine in turn); returns
     {(decode_tp, strategy): [token ids per prompt routed there]} and the prefill node's
-    count of requests still holding blocks afterwards."""
+    count of requests still holding blocks afterwards. `transfer_mode` push: the prefill
+    ranks write into the decode blocks layer by layer (strategies: direct, auto)."""
     pre = PrefillNode(model_dir, prefill_tp, cache(prefill_conv, layer_interleave=prefill_interleave),
                       transport=transport)
     decs = []
     try:
-        decs = [DecodeNode(model_dir, d, cache(decode_conv), transport=transport)
-                for d in decode_tps]
+        decs = [DecodeNode(model_dir, d, cache(decode_conv), transport=transport,
+                           transfer_mode=transfer_mode) for d in decode_tps]
         out = {}
         for s in strategies:
             for node in decs:
-                node.strategy = Strategy(s)
+                node.strategy = push_strategy(Strategy(s)) if transfer_mode == "push" \
+                    else Strategy(s)
             records = PDRouter(pre, decs).run(prompts, SamplingParams(max_tokens=max_tokens))
             for rec in records:
                 assert not rec.recomputed, rec.errors

@@ -23,16 +23,18 @@ def granite_dir(tmp_path_factory):
 
 
 def check(model_dir, prefill_tp, decode_tps, strategies, prefill_conv="DS", decode_conv="DS",
-          prompts=PROMPTS, prefill_interleave=False):
+          prompts=PROMPTS, prefill_interleave=False, transfer_mode="pull"):
     want = monolithic(model_dir, prompts, MAX_TOKENS)
     got, held = run_pd(model_dir, prefill_tp, decode_tps, strategies, prompts, MAX_TOKENS,
-                       prefill_conv, decode_conv, prefill_interleave=prefill_interleave)
+                       prefill_conv, decode_conv, prefill_interleave=prefill_interleave,
+                       transfer_mode=transfer_mode)
     assert held == 0, "the prefill engine still holds blocks of finished transfers"
     assert set(got) == {(d, s) for d in decode_tps for s in strategies}
     for (d, s), outs in got.items():
         for index, tokens in outs:
             assert len(tokens) == MAX_TOKENS
-            assert tokens == want[index], f"P={prefill_tp} D={d} {s}: prompt {index} differs"
+            assert tokens == want[index], \
+                f"{transfer_mode} P={prefill_tp} D={d} {s}: prompt {index} differs"
 
 
 def test_one_prefill_feeds_decode_tp_1_and_4(default_dir):
@@ -51,6 +53,38 @@ def test_n_groups_1_with_moe(granite_dir):
     """GraniteMoeHybrid: B/C replicated on every rank (n_groups = 1), MoE feed-forward."""
     check(granite_dir, 1, [2], STRATEGIES, decode_conv="SD")
     check(granite_dir, 4, [2], ["direct", "permute"])
+
+
+def test_push_one_prefill_feeds_decode_tp_1_and_4(default_dir):
+    """Push: P=2 writes layer by layer into D=1 and D=4 (one region per layer: a batch of
+    writes after every layer)."""
+    check(default_dir, 2, [1, 4], ["direct"], transfer_mode="push")
+
+
+def test_push_n_groups_1_interleaved_prefill(granite_dir):
+    """Push from a layer-interleaved prefill (runs go after each stack's last layer), 4 -> 2,
+    SD decode, B/C replicated; `auto` is `direct` in push mode."""
+    check(granite_dir, 4, [2], ["auto"], decode_conv="SD", prefill_interleave=True,
+          transfer_mode="push")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("conv", ["SD", "DS"])
+@pytest.mark.parametrize("prefill_tp", [1, 2, 3, 4])
+def test_push_full_sweep_default_model(default_dir, prefill_tp, conv):
+    decode_tps = [d for p, d in PAIRS if p == prefill_tp]
+    check(default_dir, prefill_tp, decode_tps, ["direct"], conv, conv,
+          prefill_interleave=conv == "SD", transfer_mode="push")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["nemotron_h", "bamba", "granitemoehybrid", "falcon_h1", "zamba2"])
+def test_push_every_architecture(arch, tmp_path):
+    from pd_harness import hf_arch_dir
+    model_dir = hf_arch_dir(arch, tmp_path / arch)
+    prompts = [[t % 96 for t in p] for p in PROMPTS]
+    check(model_dir, 2, [1, 4], ["direct"], prefill_conv="SD", prompts=prompts,
+          transfer_mode="push")
 
 
 PAIRS = sorted(set(itertools.product([1, 2, 4], [1, 2, 4])) | {(3, 2), (2, 3)})

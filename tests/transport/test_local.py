@@ -95,3 +95,24 @@ def test_corruption_is_detected():
     plan = decode_plan(case, 0)
     bufs, _ = decode_buffers(case, 0, plan)
     assert decode_errors(case, 0, bufs)
+
+
+def test_write_pushes_into_the_peer_and_notifies():
+    """Push mode: the same runs, source here and destination on the peer."""
+    p, d = LocalTransport("lw-P"), LocalTransport("lw-D")
+    try:
+        p.register_regions([np.arange(64, dtype=np.uint8)])
+        dst = np.zeros(32, np.uint8)
+        d.register_regions([dst])
+        p.add_peer("lw-D", d.metadata())
+        h = p.write("lw-D", _one(0, 10, 0, 4, 6), b"pushed")
+        assert p.wait(h, 1.0).state is XferState.DONE
+        assert dst[4:10].tolist() == list(range(10, 16)) and not dst[:4].any() and not dst[10:].any()
+        assert d.get_notifications() == [("lw-P", b"pushed")]
+        with pytest.raises(TransferError, match="destination region 0 bytes"):
+            p.write("lw-D", _one(0, 0, 0, 30, 6))
+        d.close()
+        assert p.poll(p.write("lw-D", _one(0, 0, 0, 0, 1))).state is XferState.FAILED
+    finally:
+        p.close()
+        d.close()

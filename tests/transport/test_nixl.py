@@ -92,3 +92,36 @@ def test_zones_off_a_coarse_grain_read_exactly():
         assert np.array_equal(dst[0][2356:3356], src[0][4716:5716])
         assert np.array_equal(dst[0][4140:8140], src[0][8:4008])
         d.release(h)
+
+
+def test_writes_land_exactly_and_notify():
+    """Push mode: the prefill agent WRITEs into the decode agent's regions (roles of a read
+    swapped); the passive side sees the notification once the bytes are there."""
+    rng = np.random.default_rng(5)
+    src = [rng.integers(0, 256, n, dtype=np.uint8) for n in (50_000, 9000)]
+    dst = [np.zeros(n, np.uint8) for n in (70_000,)]
+    p, d = NixlTransport("nw-P"), NixlTransport("nw-D")
+    try:
+        p.register_regions(src, zones=[[0, 333], [0]])
+        d.register_regions(dst)
+        p.add_peer("nw-D", d.metadata())
+        rows = [(0, 7, 0, 11, 30_000), (1, 100, 0, 40_000, 8_000)]
+        h = p.write("nw-D", _reads(rows), b"pushed")
+        deadline, notes = time.monotonic() + 20, []
+        while (s := p.poll(h)).state is XferState.PENDING and time.monotonic() < deadline:
+            notes += d.get_notifications()
+        while not notes and time.monotonic() < deadline:
+            notes += d.get_notifications()
+            p.poll(h)
+        assert s.state is XferState.DONE
+        assert [m for _, m in notes] == [b"pushed"]
+        want = np.zeros(70_000, np.uint8)
+        for sr, so, _, do, n in rows:
+            want[do:do + n] = src[sr][so:so + n]
+        assert np.array_equal(dst[0], want)
+        p.release(h)
+        with pytest.raises(TransferError, match="destination region 0 bytes"):
+            p.write("nw-D", _reads([(0, 0, 0, 69_990, 64)]))
+    finally:
+        d.close()
+        p.close()
