@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 COMMANDS = {
@@ -50,7 +51,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(_load(args._module).run(args) or 0)
     except KeyboardInterrupt:       # engines closed on the way out (their context managers)
         print(f"pdbridge {args.command}: interrupted", file=sys.stderr)
-        return 130
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Exit here: an interrupt that landed in C-run Python code (torch's import) leaves
+        # CPython's "unhandled KeyboardInterrupt" flag set although it was handled, and the
+        # interpreter would then end itself with SIGINT (-2) instead of status 130.
+        os._exit(130)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ import contextlib
 import itertools
 import multiprocessing as mp
 import os
-import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from pdbridge.spec import CacheConfig, EngineLayout
 from .block_pool import BlockPool
 from .messages import Describe, Shutdown, Step, WorkerCall, encode
 from .model_loader import default_model_dir, eos_token_ids, load_model_shard
-from .rank_group import RankGroup
+from .rank_group import RankGroup, Rendezvous
 from .request import FinishReason, Request, RequestStatus, SamplingParams
 from .sampling import make_generator, sample, stop_reason
 from .scheduler import EngineFull, ScheduledChunk, Scheduler, SchedulerConfig
@@ -77,20 +76,23 @@ def _stop_processes(procs, grace_s: float) -> None:
             getattr(p, signal_them)()
 
 
+WORKER_ENV = "PDBRIDGE_TP_WORKER"     # read by pdbridge/__init__.py in the spawned process
+
+
 @contextlib.contextmanager
-def _sigint_ignored_by_children():
-    """Spawn workers with SIGINT ignored: an ignored signal stays ignored across exec and
-    Python keeps it so, so a Ctrl-C (sent to the whole process group) cannot kill a worker
-    during its imports with a traceback each; the engine's process stops them (close). For
-    the few milliseconds of the spawns this process ignores SIGINT too (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _spawning_workers():
+    """Mark the processes spawned meanwhile as TP workers (they inherit the environment), so
+    they ignore Ctrl-C from their first import of pdbridge on. This process's own SIGINT is
+    left alone: a Ctrl-C during start-up reaches it and ends the engine (no lost interrupt)."""
+    previous = os.environ.get(WORKER_ENV)
+    os.environ[WORKER_ENV] = "1"
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        if previous is None:
+            os.environ.pop(WORKER_ENV, None)
+        else:
+            os.environ[WORKER_ENV] = previous
 
 
 class Engine:
@@ -110,6 +112,7 @@ class Engine:
         self._group: RankGroup | None = None
         self._closed = False
         self._desynced = False      # a TP call was cut short: the ranks are out of step
+        self._rendezvous: Rendezvous | None = None
         try:
             self.worker = self._start_ranks()
             self._check_ranks()
@@ -139,26 +142,27 @@ class Engine:
         if self.tp_size == 1:
             from pdbridge.model.comm import SingleComm
             return Worker(0, self.args, SingleComm())
-        store = RankGroup.master_store(self.args.timeout_s, self.tp_size)
+        self._rendezvous = Rendezvous()
         ctx = mp.get_context("spawn")
-        with _sigint_ignored_by_children():
+        with _spawning_workers():
             for r in range(1, self.tp_size):
-                p = ctx.Process(target=worker_main, args=(r, self.args, store.port, os.getpid()),
+                p = ctx.Process(target=worker_main,
+                                args=(r, self.args, self._rendezvous.path, os.getpid()),
                                 name=f"pdbridge-tp{r}", daemon=True)
                 p.start()
                 self._procs.append(p)
-        self._group = self._join_group(store)
+        self._group = self._join_group()
         return Worker(0, self.args, self._group.comm)
 
-    def _join_group(self, store) -> RankGroup:
+    def _join_group(self) -> RankGroup:
         """Rank 0's rendezvous, watching the workers so one that dies at start-up is reported
         at once instead of after the rendezvous timeout."""
         box: dict = {}
 
         def join():
             try:
-                box["group"] = RankGroup("127.0.0.1", store.port, 0, self.tp_size,
-                                         torch.device(self.args.device), self.args.timeout_s, store)
+                box["group"] = RankGroup(self._rendezvous.path, 0, self.tp_size,
+                                         torch.device(self.args.device), self.args.timeout_s)
             except BaseException as e:      # reported below
                 box["error"] = e
         t = threading.Thread(target=join, daemon=True, name="pdbridge-rendezvous")
@@ -240,6 +244,8 @@ class Engine:
         # Not told (out of step, or still starting): nothing to wait for, signal them at once.
         _stop_processes(self._procs, SHUTDOWN_S if asked else 0.0)
         self._procs, self._group = [], None
+        if self._rendezvous is not None:
+            self._rendezvous.close()
 
     def __enter__(self) -> "Engine":
         return self

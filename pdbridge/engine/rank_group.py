@@ -1,6 +1,6 @@
 """RankGroup: the TP group of one engine, built without torch.distributed's global state.
 
-Each engine makes its own process groups from its own TCPStore, so one process can drive
+Each engine makes its own process groups from its own store, so one process can drive
 several engines (a prefill and a decode engine in one test or demo). Two groups:
 * control (gloo, CPU): rank 0 broadcasts each call; idle ranks wait here, so their side's
   timeout is long (a dead rank 0 closes the sockets, and workers also watch their parent).
@@ -12,13 +12,36 @@ several engines (a prefill and a decode engine in one test or demo). Two groups:
 from __future__ import annotations
 
 import datetime
+import os
+import shutil
+import tempfile
 import time
 
 import torch
 import torch.distributed as dist
 
 CONTROL_TIMEOUT = datetime.timedelta(days=7)
+LOOPBACK = "127.0.0.1"      # one engine's ranks share a host (DESIGN.md section 6)
 POLL_S = 0.0002             # rank 0's poll of a pending control collective
+
+
+def _gloo_options(timeout: datetime.timedelta):
+    opts = dist.ProcessGroupGloo._Options()
+    opts._devices = [dist.ProcessGroupGloo.create_device(hostname=LOOPBACK)]
+    opts._timeout = timeout
+    return opts
+
+
+class Rendezvous:
+    """A private folder (0700) holding one engine's FileStore; its owner (the engine) removes
+    it on close. `path` goes to the workers."""
+
+    def __init__(self):
+        self._dir = tempfile.mkdtemp(prefix="pdbridge-rendezvous-")
+        self.path = os.path.join(self._dir, "store")
+
+    def close(self) -> None:
+        shutil.rmtree(self._dir, ignore_errors=True)
 
 
 class CollectiveTimeout(RuntimeError):
@@ -37,28 +60,27 @@ class GroupComm:
 
 
 class RankGroup:
-    def __init__(self, host: str, port: int, rank: int, size: int, device: torch.device,
-                 timeout_s: float, store: dist.TCPStore | None = None):
+    """The rendezvous is a FileStore in a private folder (Rendezvous), not a TCPStore: a
+    TCPStore server listens on every interface whatever host it is given (issue 12), and one
+    host's ranks need no network to meet. The gloo pairs are bound to 127.0.0.1 explicitly."""
+
+    def __init__(self, store_path: str, rank: int, size: int, device: torch.device,
+                 timeout_s: float):
         timeout = datetime.timedelta(seconds=timeout_s)
         self.rank, self.size = rank, size
         self.deadline_s = timeout_s         # rank 0's bound on each control collective
-        self.store = store or dist.TCPStore(host, port, size, False, timeout=timeout)
+        self.store = dist.FileStore(store_path, size)
+        self.store.set_timeout(timeout)
         self.control = dist.ProcessGroupGloo(dist.PrefixStore("control", self.store), rank, size,
-                                             CONTROL_TIMEOUT)
+                                             _gloo_options(CONTROL_TIMEOUT))
         comp_store = dist.PrefixStore("compute", self.store)
         if device.type == "cuda":
             opts = dist.ProcessGroupNCCL.Options()
             opts._timeout = timeout
             compute = dist.ProcessGroupNCCL(comp_store, rank, size, opts)
         else:
-            compute = dist.ProcessGroupGloo(comp_store, rank, size, timeout)
+            compute = dist.ProcessGroupGloo(comp_store, rank, size, _gloo_options(timeout))
         self.comm = GroupComm(compute, rank, size)
-
-    @staticmethod
-    def master_store(timeout_s: float, size: int) -> dist.TCPStore:
-        """Rank 0's store on a free local port (its .port goes to the workers)."""
-        return dist.TCPStore("127.0.0.1", 0, size, True, wait_for_workers=False,
-                             timeout=datetime.timedelta(seconds=timeout_s))
 
     def broadcast_bytes(self, data: bytes | None, deadline_s: float | None = None) -> bytes:
         """Rank 0 passes the bytes; every rank returns them. Length first, then payload."""

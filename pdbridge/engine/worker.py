@@ -118,18 +118,18 @@ def _rank_device(device: str, rank: int) -> torch.device:
     return d
 
 
-def worker_main(rank: int, args: WorkerArgs, port: int, parent_pid: int) -> None:
+def worker_main(rank: int, args: WorkerArgs, store_path: str, parent_pid: int) -> None:
     """Process entry of ranks 1..t-1: build, then run calls until Shutdown."""
     # Ctrl-C in a terminal signals the whole process group; the engine's process (rank 0)
     # alone decides how its ranks stop (Engine.close), so a worker never dies mid-collective.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)     # already so when Engine spawned it
+    signal.signal(signal.SIGINT, signal.SIG_IGN)     # already so since pdbridge/__init__.py
     torch.set_num_threads(args.num_threads)
     _watch_parent(parent_pid)
     try:
         device = _rank_device(args.device, rank)
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        group = RankGroup("127.0.0.1", port, rank, args.tp_size, device, args.timeout_s)
+        group = RankGroup(store_path, rank, args.tp_size, device, args.timeout_s)
         worker = Worker(rank, args, group.comm)
         while worker.running:
             call = decode_call(group.broadcast_bytes(None))

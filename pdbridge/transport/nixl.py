@@ -53,8 +53,15 @@ class _Peer:
         self.md, self.table, self.dlist = md, table, dlist
 
 
+# UCX's TCP transport listens on every network interface it may use: by default only the
+# loopback (issue 12: it listened on the external interface). Another host is reached by
+# naming its interface in UCX_NET_DEVICES (e.g. "eth0"), which always wins over this default.
+DEFAULT_NET_DEVICES = "lo"
+
+
 class NixlTransport:
     def __init__(self, name: str, grain_nbytes: int | None = None, num_workers: int = 1):
+        os.environ.setdefault("UCX_NET_DEVICES", DEFAULT_NET_DEVICES)   # read when UCX starts
         nixl_agent, nixl_agent_config = _nixl()
         self.name = name
         self._grain = grain_nbytes
