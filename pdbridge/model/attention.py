@@ -1,4 +1,4 @@
-"""GQA attention over the paged KV cache (plain softmax on gathered K/V: correctness first).
+"""GQA attention over the paged KV cache (SDPA on gathered K/V: correctness first).
 
 Weights hold this rank's query heads and the KV heads they use (shard.AttentionShard);
 o_proj is row-parallel, summed across ranks.
@@ -6,6 +6,7 @@ o_proj is row-parallel, summed across ranks.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .arch import Rope
@@ -75,10 +76,16 @@ class Attention(nn.Module):
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: int) -> torch.Tensor:
         """q: (n, Hq, hd) at positions ctx..ctx+n-1; k, v: (ctx + n, Hkv, hd) -> (n, Hq, hd)."""
         k, v = k[:, self.kv_of_q], v[:, self.kv_of_q]                 # (S, Hq, hd)
-        scores = torch.einsum("qhd,shd->hqs", q, k) * self.scale
         n, s = q.shape[0], k.shape[0]
-        dev = q.device
-        causal = torch.arange(s, device=dev)[None, :] <= (torch.arange(n, device=dev)[:, None] + ctx)
-        scores = scores.masked_fill(~causal, float("-inf"))
-        probs = torch.softmax(upcast(scores), dim=-1).to(q.dtype)
-        return torch.einsum("hqs,shd->qhd", probs, v)
+        # SDPA (a fused kernel where one exists: no (Hq, n, S) score tensor in memory); its
+        # softmax accumulates in fp32 for half types, as the upcast did.
+        # 4-D (1, H, n|S, hd): the CPU fused kernel takes 4-D inputs only (3-D runs the math path)
+        q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))
+        if ctx == 0:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        else:
+            dev = q.device
+            causal = torch.arange(s, device=dev)[None, :] <= (torch.arange(n, device=dev)[:, None]
+                                                               + ctx)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, scale=self.scale)
+        return out[0].transpose(0, 1)

@@ -59,28 +59,29 @@ def chunked_scan(x: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, b: torch.Te
     if pad:     # dt = 0 on padding: decay exp(0) = 1 and no input, so S_n is unchanged
         x, dt, b, c = (F.pad(t, (0, 0) * (t.dim() - 1) + (0, pad)) for t in (x, dt, b, c))
     k = (n + pad) // L
-    xs = (x * dt[..., None]).view(k, L, h, p)                           # dt-weighted input
-    b, c = b.view(k, L, h, -1), c.view(k, L, h, -1)                     # (k, L, H, N)
-    da = (dt * a).view(k, L, h).permute(0, 2, 1)                        # (k, H, L) log-decays
-    cum = torch.cumsum(da, dim=-1)                                      # (k, H, L)
+    # Heads outermost, (H, k, L, ...): every product below is a batched matmul over (H, k).
+    xs = (x * dt[..., None]).view(k, L, h, p).permute(2, 0, 1, 3)        # dt-weighted input
+    b = b.view(k, L, h, -1).permute(2, 0, 1, 3)                         # (H, k, L, N)
+    c = c.view(k, L, h, -1).permute(2, 0, 1, 3)
+    da = (dt * a).view(k, L, h).permute(2, 0, 1)                        # (H, k, L) log-decays
+    cum = torch.cumsum(da, dim=-1)
 
     # 1. within each chunk: y[l] = sum_{s<=l} (C_l . B_s) exp(sum da(s+1..l)) xs[s]
-    scores = torch.einsum("klhn,kshn->khls", c, b) * torch.exp(segsum(da))   # (k, H, L, L)
-    y = torch.einsum("khls,kshp->klhp", scores, xs)
+    scores = (c @ b.transpose(-1, -2)) * torch.exp(segsum(da))          # (H, k, L, L)
+    y = scores @ xs                                                     # (H, k, L, P)
 
     # 2. each chunk's own contribution to the state at its end
-    to_end = torch.exp(cum[..., -1:] - cum)                             # (k, H, L)
-    chunk_states = torch.einsum("klhn,khl,klhp->khpn", b, to_end, xs)    # (k, H, P, N)
+    to_end = torch.exp(cum[..., -1:] - cum)[..., None]                  # (H, k, L, 1)
+    chunk_states = (xs * to_end).transpose(-1, -2) @ b                  # (H, k, P, N)
 
-    # 3. state passing: the state entering chunk j, from S_0 and the chunks before it
-    states = torch.cat([state[None], chunk_states], dim=0)              # (k+1, H, P, N)
-    totals = F.pad(cum[..., -1].transpose(0, 1), (1, 0))                # (H, k+1)
-    carry = torch.exp(segsum(totals))                                   # (H, k+1, k+1)
-    states = torch.einsum("hzc,chpn->zhpn", carry, states)              # (k+1, H, P, N)
+    # 3. state passing: the state entering chunk z, from S_0 and the chunks before it
+    states = torch.cat([state[:, None], chunk_states], dim=1)           # (H, k+1, P, N)
+    carry = torch.exp(segsum(F.pad(cum[..., -1], (1, 0))))              # (H, k+1, k+1)
+    states = (carry @ states.flatten(2)).view(h, k + 1, p, -1)
 
-    # 4. the entering state's share of each output: C_l . (exp(cum_l) S_in)
-    y = y + torch.einsum("klhn,khpn,khl->klhp", c, states[:-1], torch.exp(cum))
-    return y.reshape(k * L, h, p)[:n], states[-1]
+    # 4. the entering state's share of each output: (exp(cum_l) C_l) . S_in
+    y = y + (c * torch.exp(cum)[..., None]) @ states[:, :-1].transpose(-1, -2)
+    return y.permute(1, 2, 0, 3).reshape(k * L, h, p)[:n], states[:, -1]
 
 
 def decode_step(x: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
