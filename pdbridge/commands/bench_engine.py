@@ -65,12 +65,11 @@ def run_bench(cfg: EngineBenchConfig) -> dict:
         prefill, decode = [], []
         for t in cfg.tokens:
             prompt = torch.randint(0, vocab, (t,), generator=g).tolist()
-            ours_s = _median(cfg.reps, lambda: _ours_prefill(ours, prompt, cfg))
-            hf_s = _median(cfg.reps, lambda: _hf_prefill(hf, prompt, cfg))
+            ours_s, hf_s = _alternate(cfg.reps, lambda: _ours_prefill(ours, prompt, cfg),
+                                      lambda: _hf_prefill(hf, prompt, cfg))
             prefill.append(dict(tokens=t, ours_ms=ours_s * 1e3, hf_ms=hf_s * 1e3,
                                 ours_tok_s=t / ours_s, hf_tok_s=t / hf_s, speedup=hf_s / ours_s))
-            o_tok, o_mamba = _ours_decode(ours, prompt, cfg)
-            h_tok = _hf_decode(hf, prompt, cfg)
+            o_tok, o_mamba, h_tok = _decode_pair(ours, hf, prompt, cfg)
             decode.append(dict(context=t, ours_ms_per_tok=o_tok * 1e3,
                                ours_mamba_ms_per_tok=o_mamba * 1e3, hf_ms_per_tok=h_tok * 1e3,
                                speedup=h_tok / o_tok))
@@ -92,9 +91,20 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _median(reps: int, fn) -> float:
-    fn()                                            # warm-up: allocator, kernels, caches
-    return statistics.median(fn() for _ in range(reps))
+def _alternate(reps: int, ours, theirs) -> tuple[float, float]:
+    """Median seconds of each, runs interleaved (ours, theirs, ours, ...) after one warm-up
+    each, so that a shared machine's load falls on both alike."""
+    ours(), theirs()
+    a, b = zip(*((ours(), theirs()) for _ in range(reps)))
+    return statistics.median(a), statistics.median(b)
+
+
+def _decode_pair(ours, hf, prompt: list[int], cfg: EngineBenchConfig):
+    """-> (ours s/token, of which in Mamba2 mixers, transformers s/token): medians over `reps`
+    interleaved rounds of `decode_steps` steps each."""
+    rounds = [(*_ours_decode(ours, prompt, cfg), _hf_decode(hf, prompt, cfg))
+              for _ in range(cfg.reps)]
+    return tuple(statistics.median(r[i] for r in rounds) for i in range(3))
 
 
 def _caches(model, tokens: int, cfg: EngineBenchConfig):
