@@ -68,13 +68,15 @@ class Mamba2(nn.Module):
         _zero_fresh_slots(batch, conv_cache, ssm_cache)
         y = torch.empty(h.shape[0], sh.intermediate, dtype=h.dtype, device=h.device)
         spans, slots = batch.seq_spans(), batch.state_slots.tolist()
-        fast = self.scan is ScanImpl.CHUNKED
-        steps = [i for i, (a, b) in enumerate(spans) if fast and b - a == 1]
+        # Fast path: every one-token sequence (a decode step) of the batch in one _decode call.
+        steps = [i for i, (a, b) in enumerate(spans)
+                 if self.scan is ScanImpl.CHUNKED and b - a == 1]
+        batched = set(steps)
         for i, (a, b) in enumerate(spans):
-            if not (fast and b - a == 1):
+            if i not in batched:
                 y[a:b] = self._prefill(xbc[a:b], dt[a:b], conv_cache, ssm_cache, slots[i])
         if steps:
-            rows = torch.tensor([spans[i][0] for i in steps], device=h.device)
+            rows = torch.tensor([spans[i][0] for i in steps], device=h.device)   # their tokens
             y[rows] = self._decode(xbc[rows], dt[rows], conv_cache, ssm_cache,
                                    torch.tensor([slots[i] for i in steps], device=conv_cache.device))
         if self.norm is not None:

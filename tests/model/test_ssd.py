@@ -157,3 +157,18 @@ def test_mixed_batch_batched_decode_equals_recurrent(tiny, name, dtype):
                          ulps=REORDER_ULPS, what=f"layer {layer} slot {slot} conv")
             assert_close(caches.ssm(layer)[slot], ref_caches.ssm(layer)[slot],
                          ulps=REORDER_ULPS, what=f"layer {layer} slot {slot} SSM")
+
+
+def test_decode_steps_of_a_batch_run_in_one_call_per_layer(tiny, monkeypatch):
+    """Four decode steps in one batch: one decode_step per Mamba2 layer, no per-sequence scan."""
+    import pdbridge.model.mamba2 as mamba2
+    model = _load(tiny, "bamba", torch.float32, ScanImpl.CHUNKED)
+    caches = DenseCaches(model.spec, num_blocks=8, block_tokens=4)
+    model(ForwardBatch.build([[1, 2, 3]] * 4, [0] * 4, [[0], [1], [2], [3]], [0, 1, 2, 3]), caches)
+    calls = []
+    real = mamba2.decode_step
+    monkeypatch.setattr(mamba2, "decode_step", lambda *a: calls.append(a[0].shape) or real(*a))
+    monkeypatch.setattr(mamba2, "chunked_scan", None)          # would raise if called
+    model(ForwardBatch.build([[4]] * 4, [3] * 4, [[0], [1], [2], [3]], [0, 1, 2, 3]), caches)
+    layers = sum(isinstance(m, mamba2.Mamba2) for m in model.modules())
+    assert len(calls) == layers and all(s[0] == 4 for s in calls)
