@@ -12,7 +12,7 @@ import sys
 
 COMMANDS = {
     "plan": ("plan", "print the transfer plan between a prefill and a decode TP size"),
-    "bench": ("bench", "benchmarks (`pdbridge bench transfer`)"),
+    "bench": ("bench", "benchmarks (`pdbridge bench transfer`, `pdbridge bench engine`)"),
     "generate": ("generate", "run one monolithic engine and print the generated tokens"),
     "demo": ("demo", "end-to-end prefill -> transfer -> decode against a monolithic engine"),
 }

@@ -1,5 +1,6 @@
 """`pdbridge bench transfer`: measure one request's transfer per strategy against the
-transport's single-read limit and a per-(layer, block, segment) descriptor scheme."""
+transport's single-read limit and a per-(layer, block, segment) descriptor scheme.
+`pdbridge bench engine`: our prefill and decode against transformers' (bench_engine.py)."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +11,8 @@ import sys
 STRATEGIES = ("direct", "staging", "permute")
 CONV_LAYOUTS = ("DS", "SD")
 MODES = ("pull", "push")
+BENCHES = ("transfer", "engine")
+ENGINE_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,24 +35,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default 0.5: 2 ms per layer at 4,096 tokens)")
     p.add_argument("--json", action="store_true", help="print rows as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="write limit ratio vs tokens")
+    _add_engine_arguments(sub)
 
 
-def _fail(msg: str) -> int:
-    sys.stderr.write(f"pdbridge bench transfer: error: {msg}\n")
+def _add_engine_arguments(sub) -> None:
+    p = sub.add_parser("engine", help="our prefill / decode tokens/s against transformers")
+    p.add_argument("--model", default=None,
+                   help="an HF checkpoint directory (default: a small random NemotronH)")
+    p.add_argument("--tokens", default="512,2048,8192", help="comma-separated prompt lengths")
+    p.add_argument("--dtype", default="float32", help=f"one of {', '.join(ENGINE_DTYPES)}")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for both engines (default: torch's)")
+    p.add_argument("--reps", type=int, default=3, help="repetitions per prefill (median)")
+    p.add_argument("--decode-steps", type=int, default=16, help="decode steps per context")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+
+
+def _fail(msg: str, bench: str = "transfer") -> int:
+    sys.stderr.write(f"pdbridge bench {bench}: error: {msg}\n")
     return 2
 
 
+def _tokens(text: str) -> tuple[int, ...] | None:
+    try:
+        tokens = tuple(int(t) for t in text.split(","))
+    except ValueError:
+        return None
+    return tokens if tokens and min(tokens) >= 1 else None
+
+
 def run(args) -> int:
-    if getattr(args, "bench", None) != "transfer":
-        return _fail("choose a benchmark; allowed: transfer")
+    bench = getattr(args, "bench", None)
+    if bench == "engine":
+        return run_engine(args)
+    if bench != "transfer":
+        return _fail(f"choose a benchmark; allowed: {', '.join(BENCHES)}", bench or "")
     from pdbridge.spec import PRESETS
     if args.model not in PRESETS:
         return _fail(f"--model={args.model!r}; allowed: {', '.join(PRESETS)}")
-    try:
-        tokens = tuple(int(t) for t in args.tokens.split(","))
-    except ValueError:
-        return _fail(f"--tokens={args.tokens!r}; allowed: comma-separated positive integers")
-    if not tokens or min(tokens) < 1:
+    tokens = _tokens(args.tokens)
+    if tokens is None:
         return _fail(f"--tokens={args.tokens!r}; allowed: comma-separated positive integers")
     if args.strategy != "all" and args.strategy not in STRATEGIES:
         return _fail(f"--strategy={args.strategy!r}; allowed: all, {', '.join(STRATEGIES)}")
@@ -88,6 +114,27 @@ def run(args) -> int:
             _print_push_table(cfg, push_rows, args.layer_us_per_token)
     if args.plot:
         _plot(rows, args.plot)
+    return 0
+
+
+def run_engine(args) -> int:
+    tokens = _tokens(args.tokens)
+    if tokens is None:
+        return _fail(f"--tokens={args.tokens!r}; allowed: comma-separated positive integers",
+                     "engine")
+    if args.dtype not in ENGINE_DTYPES:
+        return _fail(f"--dtype={args.dtype!r}; allowed: {', '.join(ENGINE_DTYPES)}", "engine")
+    for name in ("threads", "reps", "decode_steps"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            return _fail(f"--{name.replace('_', '-')}={v}; allowed: >= 1", "engine")
+    import torch
+    from .bench_engine import EngineBenchConfig, format_table, run_bench
+    cfg = EngineBenchConfig(args.model, tokens, getattr(torch, args.dtype),
+                            args.threads or torch.get_num_threads(), args.reps,
+                            args.decode_steps, args.device)
+    res = run_bench(cfg)
+    print(json.dumps(res, indent=1) if args.json else format_table(res))
     return 0
 
 

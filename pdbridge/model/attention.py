@@ -1,4 +1,4 @@
-"""GQA attention over the paged KV cache (plain softmax on gathered K/V: correctness first).
+"""GQA attention over the paged KV cache (SDPA on gathered K/V: correctness first).
 
 Weights hold this rank's query heads and the KV heads they use (shard.AttentionShard);
 o_proj is row-parallel, summed across ranks.
@@ -6,11 +6,11 @@ o_proj is row-parallel, summed across ranks.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .arch import Rope
 from .batch import ForwardBatch
-from .precision import upcast
 from .rope import apply_rope
 from .shard import AttentionShard
 
@@ -24,6 +24,16 @@ def kv_slots(block_table: torch.Tensor, positions: torch.Tensor, block_tokens: i
         raise IndexError("ForwardBatch.block_tables lacks a block for a token position")
     kb = blocks * per + (positions % block_tokens) // kernel_block_tokens
     return kb, positions % kernel_block_tokens
+
+
+def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, num_tokens: int, block_tokens: int,
+              kernel_block_tokens: int) -> torch.Tensor:
+    """Cache rows of positions 0..num_tokens-1, (Hkv, num_tokens, hd): whole kernel blocks
+    gathered (one index per block, not per token), then cut to length."""
+    starts = torch.arange(0, num_tokens, kernel_block_tokens, device=cache.device)
+    kb, _ = kv_slots(block_table, starts, block_tokens, kernel_block_tokens)
+    blocks = cache[kb].transpose(0, 1)                              # (Hkv, m, kbt, hd)
+    return blocks.flatten(1, 2)[:, :num_tokens]
 
 
 class Attention(nn.Module):
@@ -41,6 +51,11 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(shard.num_q * hd, hidden, bias=False)
         self.o_bias = nn.Parameter(torch.zeros(hidden)) if bias else None   # added after the sum
         self.register_buffer("kv_of_q", torch.tensor(shard.kv_of_q()), persistent=False)
+        # SDPA's GQA broadcast (query head q reads KV head q // (Hq / Hkv)) covers this rank's
+        # heads unless TP cut a KV head's group of query heads unevenly: then index KV per head.
+        per = shard.num_q // shard.num_kv
+        self.sdpa_gqa = (shard.num_q % shard.num_kv == 0 and
+                         shard.kv_of_q() == [q // per for q in range(shard.num_q)])
 
     def forward(self, h: torch.Tensor, batch: ForwardBatch, caches, layer: int | None = None,
                 qkv_delta: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:   # (T, D)
@@ -65,20 +80,25 @@ class Attention(nn.Module):
             kb, row = kv_slots(table, torch.arange(ctx, ctx + b - a, device=h.device), bt, kbt)
             k_cache[kb, :, row] = k[a:b].to(k_cache.dtype)
             v_cache[kb, :, row] = v[a:b].to(v_cache.dtype)
-            kb, row = kv_slots(table, torch.arange(ctx + b - a, device=h.device), bt, kbt)
-            out[a:b] = self._attend(q[a:b], k_cache[kb, :, row].to(h.dtype),
-                                    v_cache[kb, :, row].to(h.dtype), ctx)
+            n = ctx + b - a
+            out[a:b] = self._attend(q[a:b], gather_kv(k_cache, table, n, bt, kbt).to(h.dtype),
+                                    gather_kv(v_cache, table, n, bt, kbt).to(h.dtype), ctx)
         y = self.o_proj(out.reshape(t, self.num_q * self.head_dim))
         self.comm.all_reduce_(y)
         return y if self.o_bias is None else y + self.o_bias
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: int) -> torch.Tensor:
-        """q: (n, Hq, hd) at positions ctx..ctx+n-1; k, v: (ctx + n, Hkv, hd) -> (n, Hq, hd)."""
-        k, v = k[:, self.kv_of_q], v[:, self.kv_of_q]                 # (S, Hq, hd)
-        scores = torch.einsum("qhd,shd->hqs", q, k) * self.scale
-        n, s = q.shape[0], k.shape[0]
-        dev = q.device
-        causal = torch.arange(s, device=dev)[None, :] <= (torch.arange(n, device=dev)[:, None] + ctx)
-        scores = scores.masked_fill(~causal, float("-inf"))
-        probs = torch.softmax(upcast(scores), dim=-1).to(q.dtype)
-        return torch.einsum("hqs,shd->qhd", probs, v)
+        """q: (n, Hq, hd) at positions ctx..ctx+n-1; k, v: (Hkv, ctx + n, hd) -> (n, Hq, hd).
+        SDPA: a fused kernel where one exists (no (Hq, n, S) score tensor in memory); its
+        softmax accumulates in fp32 for half types, as precision.upcast would."""
+        if not self.sdpa_gqa:
+            k, v = k.index_select(0, self.kv_of_q), v.index_select(0, self.kv_of_q)  # (Hq, S, hd)
+        # 4-D (1, H, n|S, hd): the CPU fused kernel takes 4-D inputs only (3-D runs the math path)
+        q, k, v = q.transpose(0, 1)[None], k[None], v[None]
+        n, s, dev = q.shape[2], k.shape[2], q.device
+        mask = None                 # ctx = 0: is_causal; one query (a decode step) sees all keys
+        if ctx > 0 and n > 1:
+            mask = torch.arange(s, device=dev)[None, :] <= torch.arange(n, device=dev)[:, None] + ctx
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=ctx == 0 and n > 1,
+                                             scale=self.scale, enable_gqa=self.sdpa_gqa)
+        return out[0].transpose(0, 1)
