@@ -25,6 +25,9 @@ class PDSetup(WorkerCall):
     scratch_nbytes: int
     timeout_s: float = 30.0
     transfer_mode: str = "pull"     # "pull" | "push": push decode ranks poll for PushDone
+    # The side channel's shared secret (transport/side_channel_key.py), from the node: each
+    # worker process would otherwise make its own. Crosses only the engine's own TP group.
+    secret: bytes = b""
 
 
 class PDRankInfo(msgspec.Struct):

@@ -24,6 +24,7 @@ from pdbridge.transport.copies import execute_plan, run_copies
 from pdbridge.transport.handshake import (MetadataServer, PeerDirectory, RankMetadata, peer_name,
                                          request)
 from pdbridge.transport.messages import LeaseRenew, ReadDone, RegionAddr, encode
+from pdbridge.transport.side_channel_key import SideChannelKey, load_key
 from pdbridge.transport.transport import buffer_info
 
 from pdbridge.transport.messages import ProtocolError, PushDone, decode
@@ -55,6 +56,7 @@ class PDRank:
             raise ValueError(f"transfer_mode={call.transfer_mode!r}; allowed: pull, push")
         self.rank, self.layout, self.caches = worker.rank, worker.layout, worker.caches
         self.role, self.engine_id, self.timeout_s = call.role, call.engine_id, call.timeout_s
+        self.key = SideChannelKey(call.secret) if call.secret else load_key()
         self.transport = make_transport(call.transport, peer_name(call.engine_id, self.rank))
         self.scratch = np.zeros(call.scratch_nbytes, np.uint8) if call.scratch_nbytes else None
         self.transport.register_regions(self.caches.region_buffers, self.scratch,
@@ -70,7 +72,7 @@ class PDRank:
         else:
             self.directory = PeerDirectory(self.layout, self.engine_id, self.rank,
                                            timeout_s=self.timeout_s, strategy=Strategy.DIRECT,
-                                           add_peer=self.transport.add_peer)
+                                           add_peer=self.transport.add_peer, key=self.key)
             self.inbox = PushInbox(self.rank, self.layout, self._layout)
             if call.transfer_mode == "push":    # writes land here: progress the passive side
                 self._start_poller(self._keep_push_done)
@@ -91,7 +93,8 @@ class PDRank:
         scratch = None if self.scratch is None else RegionAddr(self.scratch.ctypes.data, len(self.scratch))
         meta = RankMetadata(self.engine_id, self.rank, self.layout, self.transport.metadata(),
                             regions, scratch)
-        self.server = MetadataServer(meta, on_notification=lambda m: self._keep(encode(m)))
+        self.server = MetadataServer(meta, on_notification=lambda m: self._keep(encode(m)),
+                                     key=self.key)
         self._start_poller(self._keep)
 
     def _start_poller(self, keep) -> None:
@@ -208,7 +211,7 @@ class PDRank:
             self.directory.get_ranks(call.prefill_engine_id, sources, lambda r: call.endpoints[r])
             plan = _with_scratch_bases(plan, call.scratch_bases)
             peers = {r: peer_name(call.prefill_engine_id, r) for r in sources}
-            with LeaseRenewer(call, self.engine_id, self.rank, sources):
+            with LeaseRenewer(call, self.engine_id, self.rank, sources, self.key):
                 execute_plan(self.transport, plan, peers, self.caches.region_buffers,
                              self.scratch, call.timeout_s)
             result = PullResult(self.rank, True, "", plan.strategy.value, sources,
@@ -251,8 +254,10 @@ class LeaseRenewer:
     """While a pull runs, renew the prefill engine's lease on the request every
     `call.renew_every_s` through each source rank's metadata server (a LeaseRenew message)."""
 
-    def __init__(self, call: Pull, engine_id: str, rank: int, sources: list[int]):
+    def __init__(self, call: Pull, engine_id: str, rank: int, sources: list[int],
+                 key: SideChannelKey | None = None):
         self._every = call.renew_every_s
+        self._key = key
         self._msg = LeaseRenew(call.request_id, engine_id, rank)
         self._endpoints = [call.endpoints[r] for r in sources]
         self._stop = threading.Event()
@@ -268,7 +273,7 @@ class LeaseRenewer:
         while not self._stop.wait(self._every):
             for endpoint in self._endpoints:
                 try:
-                    request(endpoint, self._msg, timeout_s=self._every)
+                    request(endpoint, self._msg, timeout_s=self._every, key=self._key)
                     self.sent += 1
                 except Exception:
                     pass        # a prefill rank that does not answer: its reads will fail too

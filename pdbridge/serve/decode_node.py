@@ -21,6 +21,7 @@ from pdbridge.engine.request import SamplingParams
 from pdbridge.plan import PUSH_STRATEGIES, Strategy, parse_strategy
 from pdbridge.plan.strategies import STAGE_ALIGN
 from pdbridge.spec import CacheConfig, EngineLayout
+from pdbridge.transport.side_channel_key import SideChannelKey, load_key
 
 from .transfer_params import TransferParams
 
@@ -75,8 +76,10 @@ class DecodeNode:
                  strategy: Strategy | str = Strategy.AUTO,
                  on_failure: OnFailure | str = OnFailure.RECOMPUTE,
                  staging_nbytes: int | None = None, timeout_s: float = 60.0,
-                 pull_timeout_s: float = 30.0, transfer_mode: TransferMode | str = "pull"):
+                 pull_timeout_s: float = 30.0, transfer_mode: TransferMode | str = "pull",
+                 key: SideChannelKey | None = None):
         self.engine_id = engine_id or f"decode{next(_ENGINE_IDS)}"
+        self.key = key or load_key()        # the side channel's secret (side_channel_key.py)
         self.transfer_mode = parse_transfer_mode(transfer_mode)
         self.strategy = parse_strategy(strategy)
         if self.transfer_mode is TransferMode.PUSH:
@@ -88,7 +91,8 @@ class DecodeNode:
         self.layout_dict = self.layout.to_dict()
         nbytes = staging_nbytes if staging_nbytes is not None else default_staging_nbytes(self.layout)
         infos = self.engine.call(PDSetup("decode", self.engine_id, transport, nbytes,
-                                         pull_timeout_s, self.transfer_mode.value))
+                                         pull_timeout_s, self.transfer_mode.value,
+                                         secret=self.key.secret))
         self.agents = [i.agent_metadata for i in sorted(infos, key=lambda i: i.rank)]
 
     @property

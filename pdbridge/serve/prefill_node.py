@@ -9,6 +9,7 @@ its ranks write each layer's bytes into the decode blocks while the last prefill
 from __future__ import annotations
 
 import itertools
+import secrets
 import time
 from typing import Callable
 
@@ -19,25 +20,39 @@ from pdbridge.plan import Strategy, check_push_strategy
 from pdbridge.spec import CacheConfig, EngineLayout
 from pdbridge.transport.bookkeeping import LeaseTable, Release
 from pdbridge.transport.messages import LeaseRenew, ProtocolError, ReadDone, decode
+from pdbridge.transport.side_channel_key import SideChannelKey, load_key
 
 from .transfer_params import TransferParams
 
 _ENGINE_IDS = itertools.count()
+MAX_LEASE_FACTOR = 10       # default cap of a renewed lease, in lease lengths
+
+
+def request_id(engine_id: str) -> str:
+    """Unguessable: a request id is what a ReadDone or LeaseRenew names (issue 12: predictable
+    ids let a forged ReadDone free a live request's blocks)."""
+    return f"{engine_id}:{secrets.token_hex(16)}"
 
 
 class PrefillNode:
     def __init__(self, model_dir: str | None, tp_size: int, cache_config: CacheConfig, *,
                  transport: str = "nixl", engine_id: str | None = None, lease_s: float = 30.0,
                  scratch_nbytes: int | None = None, timeout_s: float = 60.0,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, max_lease_s: float | None = None,
+                 key: SideChannelKey | None = None):
         self.clock = clock                  # lease times: tests drive a fake clock
+        self.key = key or load_key()        # the side channel's secret (side_channel_key.py)
         self.engine_id = engine_id or f"prefill{next(_ENGINE_IDS)}"
         self.engine = Engine(model_dir, tp_size, cache_config, timeout_s=timeout_s)
         self.layout: EngineLayout = self.engine.layout
         self._layout_dict = self.layout.to_dict()
-        self.leases: LeaseTable[RequestHandle] = LeaseTable(lease_s)
+        # Renewals extend a lease up to max_lease_s after prefill, never further (issue 12:
+        # forged renewals pinned blocks without limit).
+        self.leases: LeaseTable[RequestHandle] = LeaseTable(
+            lease_s, max_lease_s if max_lease_s is not None else MAX_LEASE_FACTOR * lease_s)
         nbytes = scratch_nbytes if scratch_nbytes is not None else default_scratch_nbytes(self.layout)
-        infos = self.engine.call(PDSetup("prefill", self.engine_id, transport, nbytes, timeout_s))
+        infos = self.engine.call(PDSetup("prefill", self.engine_id, transport, nbytes, timeout_s,
+                                         secret=self.key.secret))
         self.endpoints = [i.endpoint for i in sorted(infos, key=lambda i: i.rank)]
         self.released: list[Release[RequestHandle]] = []
         self.pushed = 0                     # requests pushed (and freed at once)
@@ -51,7 +66,7 @@ class PrefillNode:
         if push_to is not None:
             return self._prefill_push(prompt_ids, push_to)
         handle = self.engine.prefill_for_transfer(prompt_ids)
-        rid = f"{self.engine_id}:{handle.request_id}"
+        rid = request_id(self.engine_id)
         self.leases.register(rid, handle, self.clock())
         b = handle.blocks
         return TransferParams(self.engine_id, rid, b.num_tokens, (b.num_tokens, b.attn_blocks,

@@ -8,7 +8,9 @@ its source config and checked against the sent digest and against the decode lay
 Wire: one msgpack message per ZeroMQ frame (messages.py), ROUTER on the prefill side, one
 short-lived REQ socket per fetch on the decode side (a REQ that timed out cannot be reused).
 Nothing is unpickled; oversized frames are dropped by ZeroMQ itself (MAXMSGSIZE disconnects
-the sender), malformed ones get an ErrorReply, and the server thread survives both.
+the sender), malformed ones get an ErrorReply, and the server thread survives both. Every
+socket is a CURVE server or client with keys derived from the deployment's shared secret
+(side_channel_key.py): without the secret a peer gets nothing, not even an error.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
 
 from ..plan.transfer_plan import Strategy
 from ..spec.layout import EngineLayout
@@ -27,6 +30,7 @@ from .compat import check_compatible
 from .messages import (MAX_MESSAGE_NBYTES, PROTOCOL_VERSION, Ack, ErrorReply, LeaseRenew,
                        Message, MetadataReply, MetadataRequest, ProtocolError, ReadDone,
                        RegionAddr, decode, encode)
+from .side_channel_key import ZAP_DOMAIN, SideChannelKey, load_key
 
 log = logging.getLogger(__name__)
 POLL_MS = 50            # how often the server thread looks at its stop flag
@@ -89,14 +93,21 @@ class MetadataServer:
     def __init__(self, meta: RankMetadata, bind: str = "tcp://127.0.0.1:*",
                  max_message_nbytes: int = 64 << 10,
                  on_notification: Callable[[Notification], None] | None = None,
-                 context: zmq.Context | None = None):
+                 key: SideChannelKey | None = None):
         self._meta, self._on_notification = meta, on_notification
         self._reply = encode(meta.to_reply())   # static: encode once
         self._max = max_message_nbytes
-        self._ctx = context or zmq.Context.instance()
+        self.key = key or load_key()
+        # A context of its own: its ZAP authenticator (a thread) serves this server alone,
+        # and both end with it (close).
+        self._ctx = zmq.Context()
+        self._auth = ThreadAuthenticator(self._ctx, log=log)
+        self._auth.start()
+        self._auth.configure_curve_callback(ZAP_DOMAIN, credentials_provider=self.key)
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.MAXMSGSIZE, max_message_nbytes)
+        self.key.serve(self._sock)
         self._sock.bind(bind)
         self.endpoint: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.messages_received = 0
@@ -159,6 +170,9 @@ class MetadataServer:
         deadline = time.monotonic() + timeout_s
         self._stop.set()
         self._thread.join(timeout_s)
+        if not self._thread.is_alive():
+            self._auth.stop()
+            self._ctx.term()
         _wait_until_unbound(self.endpoint, deadline)
 
     def __enter__(self) -> "MetadataServer":
@@ -202,13 +216,15 @@ def _split_envelope(frames: list[bytes]) -> tuple[list[bytes], list[bytes]]:
 
 def request(endpoint: str, msg: Message, timeout_s: float,
             max_reply_nbytes: int = MAX_MESSAGE_NBYTES,
-            context: zmq.Context | None = None) -> Message:
-    """Send one message and wait for one reply; PeerTimeout if none comes within timeout_s."""
+            context: zmq.Context | None = None, key: SideChannelKey | None = None) -> Message:
+    """Send one message and wait for one reply; PeerTimeout if none comes within timeout_s
+    (also what a server that holds another secret amounts to: CURVE never completes)."""
     ctx = context or zmq.Context.instance()
     sock = ctx.socket(zmq.REQ)
     try:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, max_reply_nbytes)
+        (key or load_key()).connect_as_client(sock)
         sock.connect(endpoint)
         sock.send(encode(msg))
         if not sock.poll(int(timeout_s * 1000), zmq.POLLIN):
@@ -229,10 +245,11 @@ class PeerDirectory:
     def __init__(self, decode_layout: EngineLayout, decode_engine_id: str, decode_rank: int, *,
                  timeout_s: float = 5.0, strategy: Strategy = Strategy.AUTO,
                  add_peer: Callable[[str, bytes], Any] | None = None,
-                 context: zmq.Context | None = None):
+                 context: zmq.Context | None = None, key: SideChannelKey | None = None):
         self.decode_layout, self.strategy = decode_layout, strategy
         self._engine_id, self._rank = decode_engine_id, decode_rank
         self._timeout_s, self._add_peer, self._ctx = timeout_s, add_peer, context
+        self._key = key or load_key()
         self._peers: dict[tuple[str, int], RankMetadata] = {}
         self._layouts: dict[str, EngineLayout] = {}     # by digest: one rebuild per engine
         self._lock = threading.Lock()
@@ -271,7 +288,7 @@ class PeerDirectory:
                               engine_id, rank)
         self.fetches += 1
         try:
-            reply = request(endpoint, req, self._timeout_s, context=self._ctx)
+            reply = request(endpoint, req, self._timeout_s, context=self._ctx, key=self._key)
         except PeerTimeout:
             raise PeerTimeout(f"{where}: no metadata within {self._timeout_s:g} s") from None
         if isinstance(reply, ErrorReply):

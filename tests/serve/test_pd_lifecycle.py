@@ -203,3 +203,59 @@ def test_lease_renewal_keeps_blocks_while_reading(model_dir):
         assert pre.num_held == 0
     finally:
         pre.close()
+
+
+def test_a_decoder_without_the_secret_gets_nothing_and_says_so(model_dir):
+    """A decode engine holding another secret cannot fetch the prefill ranks' metadata: its
+    pull fails explicitly (fail policy) or recomputes (the default), never reads a byte."""
+    from pdbridge.transport.side_channel_key import SideChannelKey
+    prompt = PROMPTS[0]
+    want = monolithic(model_dir, [prompt], 6)[0]
+    pre = PrefillNode(model_dir, 1, cache(), transport="nixl")
+    try:
+        for on_failure in ("fail", "recompute"):
+            params = pre.prefill(prompt)
+            dec = DecodeNode(model_dir, 1, cache(), transport="nixl", strategy="direct",
+                             on_failure=on_failure, pull_timeout_s=2.0,
+                             key=SideChannelKey(b"another deployment's secret"))
+            try:
+                handle = dec.allocate(prompt, SamplingParams(max_tokens=6))
+                if on_failure == "fail":
+                    with pytest.raises(PullFailed, match="no metadata"):
+                        dec.pull(handle, params)
+                    continue
+                outcome = dec.pull(handle, params)
+                assert not outcome.ok and outcome.recomputed
+                while dec.engine.has_unfinished():
+                    dec.engine.step()
+                assert dec.engine.request(outcome.request_id).output_ids == want
+            finally:
+                dec.close()
+    finally:
+        pre.close()
+
+
+def test_request_ids_are_unguessable_and_renewals_capped(model_dir):
+    """Ids carry 128 random bits (a forged ReadDone must name one); renewals stop extending a
+    lease max_lease_s after prefill (default 10 leases), however many arrive."""
+    from pdbridge.transport.messages import LeaseRenew
+    clock = FakeClock()
+    pre = PrefillNode(model_dir, 1, cache(), transport="local", lease_s=10.0, clock=clock)
+    try:
+        a, b = pre.prefill(PROMPTS[0]), pre.prefill(PROMPTS[2])
+        engine, token = a.request_id.rsplit(":", 1)
+        assert engine == pre.engine_id and len(bytes.fromhex(token)) == 16
+        assert a.request_id != b.request_id
+        pre.expect_readers(a, "d0", 1)
+        released_at = None
+        for _ in range(200):                             # a renewal every 9 s, for 30 minutes
+            clock.advance(9.0)
+            pre.leases.apply(LeaseRenew(a.request_id, "d0", 0), clock())
+            pre.poll()
+            if a.request_id not in pre.leases:
+                released_at = clock()
+                break
+        assert released_at is not None and released_at - 1000.0 <= 10 * 10.0 + 9.0
+        assert released_at - 1000.0 > 10.0 * 9, "the renewals did extend it up to the cap"
+    finally:
+        pre.close()

@@ -17,6 +17,7 @@ from pdbridge.transport.handshake import (HandshakeError, MetadataServer, PeerDi
                                           request)
 from pdbridge.transport.messages import (Ack, ErrorReply, LeaseRenew, MetadataReply,
                                          MetadataRequest, ReadDone, RegionAddr, decode, encode)
+from pdbridge.transport.side_channel_key import SideChannelKey, load_key
 from transport_layouts import tiny_config, tiny_layout
 
 TIMEOUT_S = 5.0
@@ -41,10 +42,12 @@ def directory(**kw) -> PeerDirectory:
     return PeerDirectory(tiny_layout(1), "d0", 0, **kw)
 
 
-def raw(endpoint: str, frames: list[bytes], timeout_s: float = TIMEOUT_S):
-    """Send arbitrary frames from a DEALER; the decoded reply, or None if none came."""
+def raw(endpoint: str, frames: list[bytes], timeout_s: float = TIMEOUT_S, key=None):
+    """Send arbitrary frames from a DEALER (a CURVE client of `key`, default this process's
+    secret); the decoded reply, or None if none came."""
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    (key or load_key()).connect_as_client(sock)
     try:
         sock.connect(endpoint)
         sock.send_multipart(frames)
@@ -155,13 +158,15 @@ def _fetch_against(reply_bytes: bytes) -> Exception | None:
     """Fetch from a fake prefill rank that answers its one request with fixed bytes."""
     sock = zmq.Context.instance().socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
+    load_key().serve(sock)                      # it holds the secret (and lies)
     sock.bind("tcp://127.0.0.1:*")
 
     def answer_once():
-        frames = sock.recv_multipart()          # [identity, b"", request]
-        sock.send_multipart(frames[:2] + [reply_bytes])
+        if sock.poll(int(TIMEOUT_S * 1000)):
+            frames = sock.recv_multipart()      # [identity, b"", request]
+            sock.send_multipart(frames[:2] + [reply_bytes])
 
-    fake = threading.Thread(target=answer_once)
+    fake = threading.Thread(target=answer_once, daemon=True)
     fake.start()
     try:
         directory().get("p0", 0, sock.getsockopt_string(zmq.LAST_ENDPOINT))

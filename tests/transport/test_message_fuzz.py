@@ -103,6 +103,7 @@ def test_server_answers_hostile_frames_and_keeps_serving(frames):
     with MetadataServer(rank_meta(), max_message_nbytes=4096) as s:
         sock = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        s.key.connect_as_client(sock)       # a holder of the secret, sending garbage
         try:
             sock.connect(s.endpoint)
             sock.send_multipart([f or b"\x00" for f in frames])
