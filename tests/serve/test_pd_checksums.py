@@ -13,6 +13,7 @@ from pdbridge.plan import RequestBlocks, plan_transfer
 from pdbridge.serve.decode_node import DecodeNode, PullFailed
 from pdbridge.serve.prefill_node import PrefillNode
 from pdbridge.serve.router import PDRouter
+from pdbridge.spec import EngineLayout
 
 torch.set_num_threads(1)
 MAX_TOKENS = 6
@@ -131,6 +132,57 @@ def test_checksums_on_without_digests_fails_the_pull(model_dir):
         pre.expect_readers(params, dec.engine_id, dec.tp_size)
         with pytest.raises(PullFailed, match="prefill rank 0 -> decode rank 0: no checksum sent"):
             dec.pull(handle, params)
+    finally:
+        pre.close()
+        dec.close()
+
+
+# ---- push mode: the prefill rank digests what it wrote, PushDone carries it --------------
+
+@pytest.mark.parametrize("prefill_tp,decode_tp", [(2, 1), (1, 2)])
+def test_push_with_checksums_equals_monolithic(model_dir, want, prefill_tp, decode_tp):
+    out, held = run_pd(model_dir, prefill_tp, [decode_tp], ["direct"], PROMPTS, MAX_TOKENS,
+                       transfer_mode="push", checksums=True)
+    assert [t for _, t in sorted(out[(decode_tp, "direct")])] == want
+    assert held == 0
+
+
+def _corrupt_landed_push(dec: DecodeNode, flipped: list):
+    """Wrap dec.await_push: after the writes landed, before they are compared, invert one
+    byte of decode rank 0's state that the push wrote."""
+    real = dec.await_push
+
+    def corrupt_then_await(handle, params, target):
+        if not flipped:
+            plan = plan_transfer(EngineLayout.from_dict(params.layout), dec.layout, 0,
+                                 RequestBlocks(*params.prefill_blocks),
+                                 RequestBlocks(*target.decode_blocks), "direct")
+            i = int(len(plan.nbytes) - 1)
+            dec.engine.call(FlipByte(0, int(plan.dst_region[i]),
+                                     int(plan.dst_offset[i] + plan.nbytes[i] // 2)))
+            flipped.append(int(plan.src_rank[i]))
+        return real(handle, params, target)
+    dec.await_push = corrupt_then_await
+
+
+@pytest.mark.parametrize("on_failure", ["recompute", "fail"])
+def test_push_corrupted_on_arrival_goes_through_the_policy(model_dir, want, on_failure):
+    pre = PrefillNode(model_dir, 1, cache(), transport="local", checksums=True)
+    dec = DecodeNode(model_dir, 1, cache(), transport="local", transfer_mode="push",
+                     checksums=True, on_failure=on_failure)
+    flipped: list[int] = []
+    try:
+        _corrupt_landed_push(dec, flipped)
+        router = PDRouter(pre, [dec])
+        if on_failure == "fail":
+            with pytest.raises(PullFailed, match="checksum mismatch: prefill rank 0 -> decode rank 0"):
+                router.run(PROMPTS[:1], SamplingParams(max_tokens=MAX_TOKENS))
+        else:
+            records = router.run(PROMPTS[:2], SamplingParams(max_tokens=MAX_TOKENS))
+            assert [r.recomputed for r in records] == [True, False]
+            assert "checksum mismatch: prefill rank 0 -> decode rank 0" in records[0].errors[0]
+            assert [r.token_ids for r in records] == want[:2]
+        _pools_full(pre, dec)
     finally:
         pre.close()
         dec.close()
