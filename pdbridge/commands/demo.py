@@ -50,6 +50,9 @@ def add_arguments(parser) -> None:
                              "layers interleaved (fewer, larger reads); decode keeps one per layer")
     parser.add_argument("--transport", default="nixl", choices=("nixl", "local"),
                         help="nixl (default); local needs every engine at TP=1")
+    parser.add_argument("--checksums", action="store_true",
+                        help="compare every transferred byte with the prefill side's xxh3_64 "
+                             "digest; a mismatch recomputes (off by default)")
     parser.add_argument("--requests", type=int, default=4, metavar="N", help="default 4")
     parser.add_argument("--max-tokens", type=int, default=16, metavar="M", help="default 16")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -143,11 +146,13 @@ def _disaggregated(args, model, decode_tps, pre_cache, dec_cache, prompts, sampl
     t0 = time.perf_counter()
     nodes = []
     try:
-        prefill = PrefillNode(model, args.prefill_tp, pre_cache, transport=args.transport)
+        prefill = PrefillNode(model, args.prefill_tp, pre_cache, transport=args.transport,
+                              checksums=args.checksums)
         nodes.append(prefill)
         for d in decode_tps:
             nodes.append(DecodeNode(model, d, dec_cache, transport=args.transport,
-                                    strategy=args.strategy, transfer_mode=args.transfer_mode))
+                                    strategy=args.strategy, transfer_mode=args.transfer_mode,
+                                    checksums=args.checksums))
         say(f"engines up in {time.perf_counter() - t0:.1f} s")
         return PDRouter(prefill, nodes[1:], progress=say).run(prompts, sampling)
     finally:

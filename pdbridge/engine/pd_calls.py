@@ -74,6 +74,33 @@ class ScratchBases(msgspec.Struct):
     bases: dict[int, int]
 
 
+class DigestReads(WorkerCall):
+    """Prefill ranks: for every decode rank of one decode engine whose reads this rank
+    serves, the xxh3_64 of those source bytes (engine/checksums.py)."""
+    handler: ClassVar[str] = "pd.digest_reads"
+    collect: ClassVar[bool] = True
+    request_id: str
+    decode_layout: dict[str, Any]           # EngineLayout.to_dict() of the decode engine
+    prefill_blocks: tuple[int, tuple[int, ...], int]   # RequestBlocks fields
+    decode_blocks: tuple[int, tuple[int, ...], int]
+
+
+class ReadDigests(msgspec.Struct):
+    """Per decode rank, the digest of what it reads from this prefill rank."""
+    rank: int
+    digests: dict[int, int]
+    error: str = ""             # the request could not be planned here (no digests)
+
+
+class FlipByte(WorkerCall):
+    """Fault injection (tests, drills): rank `rank` inverts one byte of one of its cache
+    regions; the other ranks do nothing."""
+    handler: ClassVar[str] = "pd.flip_byte"
+    rank: int
+    region: int
+    offset: int
+
+
 class ForgetRequest(WorkerCall):
     """Prefill ranks: free the scratch a request's permute used."""
     handler: ClassVar[str] = "pd.forget"
@@ -111,6 +138,9 @@ class Pull(WorkerCall):
     timeout_s: float = 30.0
     renew_every_s: float = 0.0              # > 0: renew the prefill lease this often while reading
     strategies: dict[int, Strategy] = {}    # decode rank -> concrete choice; overrides strategy
+    # Checksums on: prefill rank -> decode rank -> digest (DigestReads), compared after the
+    # reads; None: off, nothing is digested.
+    checksums: dict[int, dict[int, int]] | None = None
 
 
 class PullResult(msgspec.Struct):
@@ -137,6 +167,7 @@ class PushTarget(msgspec.Struct, frozen=True):
     decode_blocks: tuple[int, tuple[int, ...], int]   # RequestBlocks fields
     strategy: Strategy = Strategy.DIRECT
     timeout_s: float = 30.0                 # for the prefill ranks' writes
+    checksums: bool = False                 # digest what is written, sent in PushDone
 
 
 class ArmPush(WorkerCall):
@@ -158,3 +189,4 @@ class AwaitPush(WorkerCall):
     prefill_blocks: tuple[int, tuple[int, ...], int]
     decode_blocks: tuple[int, tuple[int, ...], int]
     timeout_s: float = 30.0
+    checksums: bool = False                 # compare what landed with each PushDone's digest

@@ -24,6 +24,7 @@ from pdbridge.transport.handshake import peer_name
 from pdbridge.transport.messages import PushDone, encode
 from pdbridge.transport.transport import ReadList, XferHandle
 
+from . import checksums
 from .pd_calls import ArmPush, AwaitPush, PullResult
 
 
@@ -38,6 +39,7 @@ class _Job:
     handles: list[XferHandle] = field(default_factory=list)
     error: str = ""
     nbytes: int = 0
+    plan: TransferPlan | None = None            # kept only with checksums on
 
 
 def _runs(plan: TransferPlan, idx: np.ndarray) -> ReadList:
@@ -51,8 +53,10 @@ class PushSender:
     its forward, finish() after it."""
 
     def __init__(self, rank: int, engine_id: str, layout: EngineLayout, transport: Any,
-                 lock: threading.Lock, layout_of: Callable[[dict], EngineLayout]):
+                 lock: threading.Lock, layout_of: Callable[[dict], EngineLayout],
+                 buffers: list | None = None):
         self.rank, self.engine_id, self.layout = rank, engine_id, layout
+        self.buffers = buffers or []            # this rank's cache regions (checksums)
         self.transport, self._lock, self._layout_of = transport, lock, layout_of
         self._peers: set[str] = set()
         self._checked: set[str] = set()         # decode layout digests found compatible
@@ -69,6 +73,7 @@ class PushSender:
             try:
                 self._add_peer(job.peer, agent)
                 plan = self._plan(call, j)
+                job.plan = plan if t.checksums else None
                 job.batches = [(b.after_layer, _runs(plan, b.runs))
                                for b in push_batches(plan, self.layout, self.rank)]
             except Exception as e:
@@ -116,7 +121,7 @@ class PushSender:
         for job in jobs:
             self._wait(job)
             msg = PushDone(job.push_id, self.engine_id, self.rank, job.decode_rank,
-                           not job.error, job.error, job.nbytes)
+                           not job.error, job.error, job.nbytes, self._digest(job))
             try:
                 with self._lock:
                     self.transport.notify(job.peer, encode(msg))
@@ -124,6 +129,12 @@ class PushSender:
             except Exception:
                 pass        # the decode rank is gone, or never known: it times out
         return sent
+
+    def _digest(self, job: _Job) -> int | None:
+        """The source bytes written, digested once every write ended (checksums on)."""
+        if job.plan is None or job.error:
+            return None
+        return checksums.source_digest(job.plan, self.rank, self.buffers)
 
     def _wait(self, job: _Job) -> None:
         deadline = time.monotonic() + job.timeout_s
@@ -142,8 +153,10 @@ class PushSender:
 class PushInbox:
     """A decode rank's side: PushDone messages by push id, and the wait for all writers."""
 
-    def __init__(self, rank: int, layout: EngineLayout, layout_of: Callable[[dict], EngineLayout]):
+    def __init__(self, rank: int, layout: EngineLayout, layout_of: Callable[[dict], EngineLayout],
+                 buffers: list | None = None):
         self.rank, self.layout, self._layout_of = rank, layout, layout_of
+        self.buffers = buffers or []            # this rank's cache regions (checksums)
         self._done: dict[str, dict[int, PushDone]] = {}
         self._closed: set[str] = set()          # answered push ids: late messages are dropped
         self._cond = threading.Condition()
@@ -170,6 +183,8 @@ class PushInbox:
         failed = [f"prefill rank {r}: {got[r].detail}" for r in sources if r in got and not got[r].ok]
         short = [r for r in sources if r in got and got[r].ok
                  and got[r].nbytes != int(plan.nbytes[plan.src_rank == r].sum())]
+        if call.checksums and not failed and not missing and not short:
+            failed = self._check(plan, got)
         detail = "; ".join(failed + (
             [f"no PushDone from prefill ranks {missing} within {call.timeout_s:g} s"] if missing
             else []) + ([f"prefill ranks {short} wrote other byte counts than planned"] if short
@@ -178,6 +193,14 @@ class PushInbox:
                             plan.total_nbytes, plan.num_descriptors)
         result.seconds = time.perf_counter() - t0
         return result
+
+    def _check(self, plan: TransferPlan, got: dict[int, PushDone]) -> list[str]:
+        try:
+            checksums.verify(plan, self.buffers, {r: m.digest for r, m in got.items()
+                                                  if m.digest is not None})
+        except checksums.ChecksumMismatch as e:
+            return [f"{type(e).__name__}: {e}"]
+        return []
 
     def _wait(self, push_id: str, sources: list[int], timeout_s: float) -> dict[int, PushDone]:
         deadline = time.monotonic() + timeout_s

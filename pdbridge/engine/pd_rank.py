@@ -29,9 +29,10 @@ from pdbridge.transport.transport import buffer_info
 
 from pdbridge.transport.messages import ProtocolError, PushDone, decode
 
-from .pd_calls import (ArmPush, AwaitPush, ChooseStrategy, ForgetRequest, Notifications,
-                       PDRankInfo, PDSetup, PollNotifications, PreparePermute, Pull, PullResult,
-                       ScratchBases, StrategyChoice)
+from . import checksums
+from .pd_calls import (ArmPush, AwaitPush, ChooseStrategy, DigestReads, FlipByte, ForgetRequest,
+                       Notifications, PDRankInfo, PDSetup, PollNotifications, PreparePermute,
+                       Pull, PullResult, ReadDigests, ScratchBases, StrategyChoice)
 from .pd_push import PushInbox, PushSender
 from .scratch_allocator import ScratchAllocator
 
@@ -66,14 +67,15 @@ class PDRank:
         self._agent_lock = threading.Lock()     # the poller and push writes share the agent
         self._poller: threading.Thread | None = None
         self.push = PushSender(self.rank, self.engine_id, self.layout, self.transport,
-                               self._agent_lock, self._layout)
+                               self._agent_lock, self._layout, self.caches.region_buffers)
         if self.role == "prefill":
             self._start_prefill()
         else:
             self.directory = PeerDirectory(self.layout, self.engine_id, self.rank,
                                            timeout_s=self.timeout_s, strategy=Strategy.DIRECT,
                                            add_peer=self.transport.add_peer, key=self.key)
-            self.inbox = PushInbox(self.rank, self.layout, self._layout)
+            self.inbox = PushInbox(self.rank, self.layout, self._layout,
+                                   self.caches.region_buffers)
             if call.transfer_mode == "push":    # writes land here: progress the passive side
                 self._start_poller(self._keep_push_done)
 
@@ -180,6 +182,26 @@ class PDRank:
             bases[j] = base
         return ScratchBases(self.rank, bases)
 
+    def digest_reads(self, call: DigestReads) -> ReadDigests:
+        """The digest of the source bytes each decode rank reads from this rank. Reported,
+        not raised: a decode rank left without one fails its checksum."""
+        decode = self._layout(call.decode_layout)
+        pblocks, dblocks = RequestBlocks(*call.prefill_blocks), RequestBlocks(*call.decode_blocks)
+        digests = {}
+        try:
+            for j in range(decode.tp_size):
+                plan = checksums.checksum_plan(self.layout, decode, j, pblocks, dblocks)
+                if len(plan.reads_from(self.rank)):
+                    digests[j] = checksums.source_digest(plan, self.rank, self.caches.region_buffers)
+        except Exception as e:
+            return ReadDigests(self.rank, {}, f"{type(e).__name__}: {e}")
+        return ReadDigests(self.rank, digests)
+
+    def flip_byte(self, call: FlipByte) -> None:
+        if call.rank == self.rank:
+            buf = self.caches.region_buffers[call.region]
+            buf[call.offset] = 255 - int(buf[call.offset])
+
     def forget(self, call: ForgetRequest) -> None:
         self.scratch_alloc.free(call.request_id)
 
@@ -214,6 +236,8 @@ class PDRank:
             with LeaseRenewer(call, self.engine_id, self.rank, sources, self.key):
                 execute_plan(self.transport, plan, peers, self.caches.region_buffers,
                              self.scratch, call.timeout_s)
+            if call.checksums is not None:
+                self._verify(call, prefill, plan)
             result = PullResult(self.rank, True, "", plan.strategy.value, sources,
                                 plan.total_nbytes, plan.num_descriptors)
         except Exception as e:
@@ -222,6 +246,13 @@ class PDRank:
         result.seconds = time.perf_counter() - t0
         self._notify_sources(call, result)
         return result
+
+    def _verify(self, call: Pull, prefill: EngineLayout, plan: TransferPlan) -> None:
+        """Compare what landed in this rank's cache with the prefill ranks' digests."""
+        blocks = RequestBlocks(*call.prefill_blocks), RequestBlocks(*call.decode_blocks)
+        direct = checksums.checksum_plan(prefill, self.layout, self.rank, *blocks, plan=plan)
+        expected = {p: d[self.rank] for p, d in call.checksums.items() if self.rank in d}
+        checksums.verify(direct, self.caches.region_buffers, expected)
 
     def _notify_sources(self, call: Pull, result: PullResult) -> None:
         """Tell every prefill rank read from that this rank is done with the request, after

@@ -77,7 +77,7 @@ class DecodeNode:
                  on_failure: OnFailure | str = OnFailure.RECOMPUTE,
                  staging_nbytes: int | None = None, timeout_s: float = 60.0,
                  pull_timeout_s: float = 30.0, transfer_mode: TransferMode | str = "pull",
-                 key: SideChannelKey | None = None):
+                 key: SideChannelKey | None = None, checksums: bool = False):
         self.engine_id = engine_id or f"decode{next(_ENGINE_IDS)}"
         self.key = key or load_key()        # the side channel's secret (side_channel_key.py)
         self.transfer_mode = parse_transfer_mode(transfer_mode)
@@ -85,6 +85,9 @@ class DecodeNode:
         if self.transfer_mode is TransferMode.PUSH:
             self.strategy = push_strategy(self.strategy)
         self.on_failure = OnFailure(on_failure)
+        # Compare every received byte with the prefill side's digest (engine/checksums.py);
+        # a mismatch fails the transfer like any other failure (on_failure).
+        self.checksums = checksums
         self.pull_timeout_s = pull_timeout_s       # handshake and reads of one pull
         self.engine = Engine(model_dir, tp_size, cache_config, timeout_s=timeout_s)
         self.layout: EngineLayout = self.engine.layout
@@ -120,10 +123,13 @@ class DecodeNode:
     def pull(self, handle: RequestHandle, params: TransferParams,
              scratch_bases: dict[int, dict[int, int]] | None = None,
              renew_every_s: float = 0.0,
-             strategies: dict[int, Strategy] | None = None) -> PullOutcome:
+             strategies: dict[int, Strategy] | None = None,
+             checksums: dict[int, dict[int, int]] | None = None) -> PullOutcome:
         """Every decode rank pulls its shard, planned with its strategy from
         choose_strategies (chosen now if not given); then the request decodes from the
-        pulled state, or (on any failure) recomputes its prompt here, or fails, as configured."""
+        pulled state, or (on any failure) recomputes its prompt here, or fails, as configured.
+        With checksums on, `checksums` is PrefillNode.digest_reads (none given: every
+        source fails its check)."""
         b = handle.blocks
         if b.num_tokens != params.num_tokens:
             raise ValueError(f"decode blocks hold {b.num_tokens} tokens, the prefill engine "
@@ -134,7 +140,8 @@ class DecodeNode:
             params.request_id, params.engine_id, params.layout, params.endpoints,
             params.prefill_blocks, (b.num_tokens, b.attn_blocks, b.state_block),
             self.strategy.value, scratch_bases or {}, self.pull_timeout_s, renew_every_s,
-            strategies)), key=lambda r: r.rank))
+            strategies, (checksums or {}) if self.checksums else None)),
+            key=lambda r: r.rank))
         if all(r.ok for r in results):
             self.engine.state_arrived(handle.request_id)
             return PullOutcome(handle.request_id, True, False, results)
@@ -152,7 +159,7 @@ class DecodeNode:
         return PushTarget(f"{self.engine_id}:{handle.request_id}", self.engine_id,
                           self.layout_dict, self.agents,
                           (b.num_tokens, b.attn_blocks, b.state_block), self.strategy,
-                          self.pull_timeout_s)
+                          self.pull_timeout_s, self.checksums)
 
     def await_push(self, handle: RequestHandle, params: TransferParams,
                    target: PushTarget) -> PullOutcome:
@@ -164,7 +171,8 @@ class DecodeNode:
                              f"computed {params.num_tokens}")
         results = tuple(sorted(self.engine.call(AwaitPush(
             target.push_id, params.engine_id, params.layout, params.prefill_blocks,
-            target.decode_blocks, self.pull_timeout_s)), key=lambda r: r.rank))
+            target.decode_blocks, self.pull_timeout_s, self.checksums)),
+            key=lambda r: r.rank))
         if all(r.ok for r in results):
             self.engine.state_arrived(handle.request_id)
             return PullOutcome(handle.request_id, True, False, results)

@@ -14,8 +14,8 @@ import time
 from typing import Callable
 
 from pdbridge.engine.llm_engine import Engine, RequestHandle
-from pdbridge.engine.pd_calls import (ArmPush, ForgetRequest, PDSetup, PollNotifications,
-                                     PreparePermute, PushTarget)
+from pdbridge.engine.pd_calls import (ArmPush, DigestReads, ForgetRequest, PDSetup,
+                                     PollNotifications, PreparePermute, PushTarget)
 from pdbridge.plan import Strategy, check_push_strategy
 from pdbridge.spec import CacheConfig, EngineLayout
 from pdbridge.transport.bookkeeping import LeaseTable, Release
@@ -39,9 +39,10 @@ class PrefillNode:
                  transport: str = "nixl", engine_id: str | None = None, lease_s: float = 30.0,
                  scratch_nbytes: int | None = None, timeout_s: float = 60.0,
                  clock: Callable[[], float] = time.monotonic, max_lease_s: float | None = None,
-                 key: SideChannelKey | None = None):
+                 key: SideChannelKey | None = None, checksums: bool = False):
         self.clock = clock                  # lease times: tests drive a fake clock
         self.key = key or load_key()        # the side channel's secret (side_channel_key.py)
+        self.checksums = checksums          # digest what decode ranks read (digest_reads)
         self.engine_id = engine_id or f"prefill{next(_ENGINE_IDS)}"
         self.engine = Engine(model_dir, tp_size, cache_config, timeout_s=timeout_s)
         self.layout: EngineLayout = self.engine.layout
@@ -106,6 +107,16 @@ class PrefillNode:
                                               params.prefill_blocks, decode_blocks,
                                               dict(strategies)))
         return {sb.rank: dict(sb.bases) for sb in out}
+
+    def digest_reads(self, params: TransferParams, decode_layout: dict,
+                     decode_blocks) -> dict[int, dict[int, int]]:
+        """Prefill rank -> decode rank -> xxh3_64 of the bytes that decode rank reads from
+        it (engine/checksums.py), for DecodeNode.pull to compare after its reads."""
+        if not self.checksums:
+            raise ValueError("digest_reads on a prefill node with checksums=False")
+        out = self.engine.call(DigestReads(params.request_id, decode_layout,
+                                           params.prefill_blocks, decode_blocks))
+        return {d.rank: dict(d.digests) for d in out}
 
     def poll(self) -> list[Release[RequestHandle]]:
         """Apply the decode ranks' notifications and lease expiries; free released blocks."""

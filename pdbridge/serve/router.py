@@ -50,6 +50,10 @@ class PDRouter:
                  progress: Callable[[str], None] | None = None):
         if not decodes:
             raise ValueError("PDRouter needs at least one decode node")
+        wanting = [n.engine_id for n in decodes if n.checksums and not prefill.checksums]
+        if wanting:
+            raise ValueError(f"checksums=True on decode nodes {wanting} needs checksums=True on "
+                             f"prefill node {prefill.engine_id}")
         self.prefill, self.decodes = prefill, decodes
         self._progress = progress or (lambda msg: None)
 
@@ -79,14 +83,16 @@ class PDRouter:
         self.prefill.expect_readers(params, node.engine_id, node.tp_size)
         # The decode side decides (auto included); prefill prepares exactly that choice.
         strategies = node.choose_strategies(handle, params)
+        b = handle.blocks
+        decode_blocks = (b.num_tokens, b.attn_blocks, b.state_block)
         bases = {}
         if Strategy.PERMUTE in strategies.values():
-            b = handle.blocks
             bases = self.prefill.prepare_permute(params, node.engine_id, node.layout_dict,
-                                                 (b.num_tokens, b.attn_blocks, b.state_block),
-                                                 strategies)
+                                                 decode_blocks, strategies)
+        digests = self.prefill.digest_reads(params, node.layout_dict, decode_blocks) \
+            if node.checksums else None
         outcome = node.pull(handle, params, bases, renew_every_s=self.prefill.leases.lease_s / 3,
-                            strategies=strategies)
+                            strategies=strategies, checksums=digests)
         t2 = time.perf_counter()
         self.prefill.poll()
         return self._record(rec, node, outcome, t1 - t0, t2 - t1)

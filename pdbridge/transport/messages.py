@@ -88,6 +88,7 @@ class PushDone(_Message, tag="push_done"):
     ok: bool = True
     detail: str = ""
     nbytes: int = 0
+    digest: int | None = None   # checksums on: xxh3_64 of the bytes written (engine/checksums.py)
 
 
 class Ack(_Message, tag="ack"):

@@ -31,6 +31,15 @@ def test_demo_push_mode_matches(capsys):
     assert all(r["strategy"] == "direct" and r["bytes"] > 0 for r in out["requests"])
 
 
+def test_demo_checksums_matches(capsys):
+    code = main(["demo", "--json", "--requests", "2", "--max-tokens", "4", "--transport", "local",
+                 "--decode-tp", "1", "--strategy", "staging", "--checksums"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0
+    s = out["summary"]
+    assert (s["requests"], s["matching"], s["recomputed"]) == (2, 2, 0)
+
+
 @pytest.mark.parametrize("argv,field", [
     (["--transfer-mode", "push", "--strategy", "permute"], "--transfer-mode push"),
     (["--decode-tp", "2,x"], "--decode-tp"),

@@ -59,17 +59,18 @@ def monolithic(model_dir, prompts, max_tokens: int) -> list[list[int]]:
 def run_pd(model_dir, prefill_tp: int, decode_tps: list[int], strategies: list[str],
            prompts, max_tokens: int, prefill_conv: str = "DS", decode_conv: str = "DS",
            transport: str = "nixl", prefill_interleave: bool = False,
-           transfer_mode: str = "pull"):
+           transfer_mode: str = "pull", checksums: bool = False):
     """Each strategy runs every prompt through P -> (each decode engine in turn); returns
     {(decode_tp, strategy): [token ids per prompt routed there]} and the prefill node's
     count of requests still holding blocks afterwards. `transfer_mode` push: the prefill
     ranks write into the decode blocks layer by layer (strategies: direct, auto)."""
     pre = PrefillNode(model_dir, prefill_tp, cache(prefill_conv, layer_interleave=prefill_interleave),
-                      transport=transport)
+                      transport=transport, checksums=checksums)
     decs = []
     try:
         decs = [DecodeNode(model_dir, d, cache(decode_conv), transport=transport,
-                           transfer_mode=transfer_mode) for d in decode_tps]
+                           transfer_mode=transfer_mode, checksums=checksums)
+                for d in decode_tps]
         out = {}
         for s in strategies:
             for node in decs:
