@@ -26,7 +26,7 @@ import numpy as np
 from pdbridge.plan import push_batches
 
 from .bench_transfer import (LIMIT, TIMEOUT_S, BenchConfig, _layouts, _log, _measure_once, _recv,
-                             plan_for, scratch_sizes)
+                             plan_for, scratch_sizes, stop_processes)
 
 PUSH = "push:direct"
 
@@ -167,16 +167,7 @@ def run_push_bench(cfg: BenchConfig, us_per_token: float) -> list[dict]:
             rows += _measure(cfg, n, modes, layer_seconds(cfg, n, us_per_token), pconns, dconns)
         return rows
     finally:
-        for c in pconns + dconns:
-            try:
-                c.send(("stop",))
-            except (BrokenPipeError, OSError):
-                pass
-        for pr in procs:
-            pr.join(timeout=10)
-            if pr.is_alive():
-                pr.kill()
-                pr.join()
+        stop_processes(pconns + dconns, procs)
 
 
 def _measure(cfg: BenchConfig, n: int, modes: tuple[str, ...], layer_s: float, pconns,

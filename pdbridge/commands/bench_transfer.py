@@ -252,16 +252,21 @@ def _run_phase(cfg: BenchConfig, modes: tuple[str, ...]) -> dict[int, dict[str, 
             c.send(metadata)
         return {n: _measure_tokens(cfg, n, modes, pconns, dconns) for n in cfg.tokens}
     finally:
-        for c in pconns + dconns:
-            try:
-                c.send(("stop",))
-            except (BrokenPipeError, OSError):
-                pass
-        for pr in procs:
-            pr.join(timeout=10)
-            if pr.is_alive():
-                pr.kill()
-                pr.join()
+        stop_processes(pconns + dconns, procs)
+
+
+def stop_processes(conns, procs) -> None:
+    """Tell every bench process to stop, then make sure it did (one owner ends them all)."""
+    for c in conns:
+        try:
+            c.send(("stop",))
+        except (BrokenPipeError, OSError):
+            pass
+    for pr in procs:
+        pr.join(timeout=10)
+        if pr.is_alive():
+            pr.kill()
+            pr.join()
 
 
 def _measure_tokens(cfg: BenchConfig, n: int, modes: tuple[str, ...], pconns, dconns
