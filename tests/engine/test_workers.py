@@ -7,6 +7,7 @@ from pdbridge.engine.messages import Describe
 from pdbridge.engine.request import SamplingParams
 from pdbridge.spec import CacheConfig
 
+from bounded import run_bounded
 from fake_model import CRASH_TOKEN, load_fake_fragile
 
 torch.set_num_threads(1)
@@ -41,25 +42,6 @@ def test_close_stops_workers():
         e.generate([[1]], GREEDY)
 
 
-def _run_bounded(fn, bound_s: float = 120.0):
-    """fn() in a thread; a hang becomes a test failure after bound_s instead of a stuck suite."""
-    import threading
-    box = {}
-
-    def target():
-        try:
-            box["value"] = fn()
-        except BaseException as e:
-            box["error"] = e
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    t.join(bound_s)
-    assert not t.is_alive(), f"still waiting after {bound_s} s: a hang"
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
-
-
 def test_stopped_worker_gives_an_error_and_close_still_ends_it():
     """A SIGSTOPped rank answers no collective: the engine's next call fails with an explicit
     error once its deadline passes (instead of waiting forever), and close() ends the
@@ -73,9 +55,9 @@ def test_stopped_worker_gives_an_error_and_close_still_ends_it():
         assert len(e.generate([[1, 2, 3]], GREEDY)[0].token_ids) == 2
         os.kill(procs[0].pid, signal.SIGSTOP)
         with pytest.raises(EngineError, match="collective failed|did not join"):
-            _run_bounded(lambda: e.generate([[4, 5]], GREEDY))
+            run_bounded(lambda: e.generate([[4, 5]], GREEDY))
         with pytest.raises(EngineError, match="failed earlier"):
             e.generate([[4, 5]], GREEDY)                 # no call meets out-of-step ranks
     finally:
-        _run_bounded(e.close)
+        run_bounded(e.close)
     assert all(p.exitcode is not None for p in procs)

@@ -20,6 +20,7 @@ import msgspec
 import pytest
 import torch
 
+from bounded import run_bounded
 from pd_harness import PROMPTS, FakeClock, cache, monolithic, wait_until
 from test_pd_checksums import _corrupt_after_digest
 from pdbridge.engine.llm_engine import EngineError
@@ -96,24 +97,6 @@ def stable(detail: str) -> str:
 
 
 # ---- helpers ------------------------------------------------------------------------------
-
-def run_bounded(fn, bound_s: float = BOUND_S):
-    """fn() in a thread; a hang becomes a failure after bound_s instead of a stuck suite."""
-    box = {}
-
-    def target():
-        try:
-            box["value"] = fn()
-        except BaseException as e:      # re-raised in the test's thread
-            box["error"] = e
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    t.join(bound_s)
-    assert not t.is_alive(), f"still running after {bound_s} s: a hang"
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
-
 
 class Nodes:
     """A prefill and a decode node (nixl), closed in any case; pool free counts at start."""
@@ -413,5 +396,5 @@ def _cases():
 
 @pytest.mark.parametrize("fault,scenario,policy", list(_cases()))
 def test_fault(model_dir, want, fault_matrix, fault, scenario, policy):
-    outcome, detail = run_bounded(lambda: scenario(model_dir, want, policy))
+    outcome, detail = run_bounded(lambda: scenario(model_dir, want, policy), BOUND_S)
     fault_matrix[(fault, policy)] = (outcome, detail)
