@@ -20,6 +20,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, metavar="F",
                         help="0 (default): greedy")
     parser.add_argument("--top-p", type=float, default=1.0, metavar="F")
+    parser.add_argument("--top-k", type=int, default=0, metavar="K", help="0 (default): off")
+    parser.add_argument("--ignore-eos", action="store_true",
+                        help="go on past the model's end-of-sequence token up to --max-tokens")
     parser.add_argument("--seed", type=int, default=None, metavar="S")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--num-blocks", type=int, default=None, metavar="N",
@@ -45,7 +48,8 @@ def run(args) -> int:
     ids = tokenizer.encode(args.prompt) if args.prompt is not None else _parse_ids(args.prompt_ids)
     try:
         sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
-                                  top_p=args.top_p, seed=args.seed)
+                                  top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                                  ignore_eos=args.ignore_eos)
     except ValueError as e:
         print(f"pdbridge generate: {e}", file=sys.stderr)
         return 2

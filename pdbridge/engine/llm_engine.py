@@ -276,12 +276,16 @@ class Engine:
         """The imported request's first N-1 tokens are in its blocks: decode from here."""
         self.scheduler.state_arrived(self._requests[request_id])
 
-    def add_prefill(self, prompt_ids) -> int:
-        """Queue a prefill-only request: tokens 0..N-2 are computed, the blocks are kept."""
+    def add_prefill(self, prompt_ids,
+                    before_last_step: Callable[[RequestHandle], None] | None = None) -> int:
+        """Queue a prefill-only request: tokens 0..N-2 are computed, the blocks are kept
+        (`prefilled_handle` says when). `before_last_step`: see prefill_for_transfer."""
         req = self._new_request(prompt_ids, SamplingParams(max_tokens=1))
         req.compute_target = req.num_prompt_tokens - 1
         self.scheduler.add(req)
         self._register(req)
+        if before_last_step is not None:
+            self._before_last_step[req.request_id] = before_last_step
         return req.request_id
 
     def prefill_for_transfer(self, prompt_ids,
@@ -291,12 +295,17 @@ class Engine:
         hand back the blocks holding them; `release` frees them. `before_last_step` is called
         with the final blocks just before the step that ends the prefill (push mode arms the
         ranks' layer-by-layer writes there)."""
-        rid = self.add_prefill(prompt_ids)
-        if before_last_step is not None:
-            self._before_last_step[rid] = before_last_step
-        req = self._requests[rid]
-        while req.status is not RequestStatus.PREFILLED:
+        rid = self.add_prefill(prompt_ids, before_last_step)
+        while (handle := self.prefilled_handle(rid)) is None:
             self.step()
+        return handle
+
+    def prefilled_handle(self, request_id: int) -> RequestHandle | None:
+        """The blocks of a prefill-only request (add_prefill) once its tokens are computed;
+        None while it is still queued or running."""
+        req = self._requests[request_id]
+        if req.status is not RequestStatus.PREFILLED:
+            return None
         return self._handle(req, req.compute_target)
 
     def release(self, handle: RequestHandle | int) -> None:

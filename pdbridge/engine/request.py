@@ -26,6 +26,7 @@ class SamplingParams:
     max_tokens: int = 16
     temperature: float = 0.0        # 0: greedy
     top_p: float = 1.0
+    top_k: int = 0                  # 0: no top-k cut
     seed: int | None = None         # None: a fresh random seed (temperature > 0 only)
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()
@@ -37,6 +38,8 @@ class SamplingParams:
             raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0: off), got {self.top_k!r}")
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
 
     @property

@@ -1,4 +1,5 @@
-"""Next-token choice from fp32 logits: greedy, or temperature + top-p with a per-request seed."""
+"""Next-token choice from fp32 logits: greedy, or temperature + top-k + top-p with a per-request
+seed."""
 from __future__ import annotations
 
 import os
@@ -24,6 +25,9 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     logits = logits.detach().to("cpu", torch.float32)
     if params.greedy:
         return int(torch.argmax(logits))
+    if 0 < params.top_k < logits.numel():
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits / params.temperature, dim=-1)
     if params.top_p < 1.0:
         probs = _top_p(probs, params.top_p)

@@ -61,18 +61,33 @@ class PrefillNode:
     def prefill(self, prompt_ids, push_to: PushTarget | None = None) -> TransferParams:
         """Compute tokens 0..N-2 and keep their blocks until the decode side has read them;
         with `push_to`, write them into the decode blocks layer by layer instead."""
-        if len(prompt_ids) < 2:
-            raise ValueError("a disaggregated prompt needs at least 2 tokens (N-1 prefilled here, "
-                             "the last one computed by the decode engine)")
         if push_to is not None:
+            _check_prompt(prompt_ids)
             return self._prefill_push(prompt_ids, push_to)
-        handle = self.engine.prefill_for_transfer(prompt_ids)
+        rid = self.submit(prompt_ids)
+        while (params := self.collect(rid)) is None:
+            self.engine.step()
+        return params
+
+    def submit(self, prompt_ids) -> int:
+        """Queue a prompt's prefill without running it (the caller steps the engine, as a
+        server's engine loop does, batching it with others); returns the engine's request
+        id for `collect`."""
+        _check_prompt(prompt_ids)
+        return self.engine.add_prefill(prompt_ids)
+
+    def collect(self, engine_request_id: int) -> TransferParams | None:
+        """A submitted prefill's TransferParams once its tokens are computed (its blocks
+        are then under a lease), else None."""
+        handle = self.engine.prefilled_handle(engine_request_id)
+        if handle is None:
+            return None
         rid = request_id(self.engine_id)
         self.leases.register(rid, handle, self.clock())
         b = handle.blocks
         return TransferParams(self.engine_id, rid, b.num_tokens, (b.num_tokens, b.attn_blocks,
                               b.state_block), self._layout_dict, self.endpoints,
-                              self.leases.deadline(rid))
+                              self.leases.lease_s)
 
     def _prefill_push(self, prompt_ids, target: PushTarget) -> TransferParams:
         check_push_strategy(target.strategy)     # here: a raising worker call ends a rank
@@ -87,7 +102,7 @@ class PrefillNode:
         b = handle.blocks
         return TransferParams(self.engine_id, f"{self.engine_id}:{handle.request_id}",
                               b.num_tokens, (b.num_tokens, b.attn_blocks, b.state_block),
-                              self._layout_dict, self.endpoints, self.clock())
+                              self._layout_dict, self.endpoints, self.leases.lease_s)
 
     def expect_readers(self, params: TransferParams, decode_engine_id: str, decode_tp: int) -> None:
         """Name the decode ranks that will read the request (known once the router chose)."""
@@ -150,6 +165,12 @@ class PrefillNode:
 
     def close(self) -> None:
         self.engine.close()
+
+
+def _check_prompt(prompt_ids) -> None:
+    if len(prompt_ids) < 2:
+        raise ValueError("a disaggregated prompt needs at least 2 tokens (N-1 prefilled here, "
+                         "the last one computed by the decode engine)")
 
 
 def default_scratch_nbytes(layout: EngineLayout, requests: int = 4) -> int:

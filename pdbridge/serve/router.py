@@ -91,7 +91,7 @@ class PDRouter:
                                                  decode_blocks, strategies)
         digests = self.prefill.digest_reads(params, node.layout_dict, decode_blocks) \
             if node.checksums else None
-        outcome = node.pull(handle, params, bases, renew_every_s=self.prefill.leases.lease_s / 3,
+        outcome = node.pull(handle, params, bases, renew_every_s=params.lease_s / 3,
                             strategies=strategies, checksums=digests)
         t2 = time.perf_counter()
         self.prefill.poll()

@@ -14,4 +14,4 @@ class TransferParams(msgspec.Struct, frozen=True):
     prefill_blocks: tuple[int, tuple[int, ...], int]   # RequestBlocks(num_tokens, attn, state)
     layout: dict[str, Any]                  # the prefill EngineLayout.to_dict()
     endpoints: list[str]                    # metadata server of each prefill rank
-    lease_deadline: float                   # time.monotonic() by which the decode side must read
+    lease_s: float                          # the lease on the blocks: renew well within it

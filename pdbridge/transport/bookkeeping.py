@@ -1,10 +1,6 @@
 """Request bookkeeping of the pull model (DESIGN.md section 5), pure: no I/O, no clock.
 
-Decode side, `PullTracker`: one pull per request; it is DONE when every prefill rank it
-reads from has delivered, FAILED at the first source failure, TIMED_OUT at its deadline.
-While pending it says which lease renewals are due.
-
-Prefill side, `LeaseTable`: a request's blocks stay put until every expected decode reader
+`LeaseTable` (the prefill side): a request's blocks stay put until every expected decode reader
 has notified or the lease expires; decode readers renew the lease while they read. Each
 registered request is released exactly once (its blocks returned to the caller once), and
 late or duplicate notifications and renewals are ignored.
@@ -22,123 +18,6 @@ from .messages import LeaseRenew, ReadDone
 
 Peer = tuple[str, int]      # (engine id, rank)
 B = TypeVar("B")            # whatever the caller keeps per request (e.g. RequestBlocks)
-
-
-# ---- decode side -------------------------------------------------------------------------
-
-class PullStatus(enum.Enum):
-    PENDING = "pending"
-    DONE = "done"
-    FAILED = "failed"
-    TIMED_OUT = "timed_out"
-
-
-@dataclass(slots=True)
-class PullHandle:
-    """One request's pull. Owned and updated by its PullTracker; read it, do not set it."""
-    request_id: str
-    sources: frozenset[Peer]
-    deadline: float
-    last_renewal: float
-    status: PullStatus = PullStatus.PENDING
-    reason: str = ""
-    done: set[Peer] = field(default_factory=set)
-    failed: dict[Peer, str] = field(default_factory=dict)
-
-    @property
-    def finished(self) -> bool:
-        return self.status is not PullStatus.PENDING
-
-    @property
-    def outstanding(self) -> frozenset[Peer]:
-        return self.sources - self.done - self.failed.keys()
-
-    def read_done(self, decode_engine_id: str, decode_rank: int) -> dict[Peer, ReadDone]:
-        """The notification each source gets once the pull has finished: ok only if DONE,
-        so a prefill rank frees its blocks early whatever happened here."""
-        if not self.finished:
-            raise ValueError(f"request {self.request_id!r} is still pending")
-        ok = self.status is PullStatus.DONE
-        return {s: ReadDone(self.request_id, decode_engine_id, decode_rank, ok, self.reason)
-                for s in sorted(self.sources)}
-
-
-class PullTracker:
-    def __init__(self, renew_interval_s: float):
-        if renew_interval_s <= 0:
-            raise ValueError(f"renew_interval_s must be > 0, got {renew_interval_s}")
-        self.renew_interval_s = renew_interval_s
-        self._pulls: dict[str, PullHandle] = {}
-
-    def pull(self, request_id: str, sources: Iterable[Peer], deadline: float,
-             now: float) -> PullHandle:
-        if request_id in self._pulls:
-            raise ValueError(f"request {request_id!r} is already being pulled")
-        h = PullHandle(request_id, frozenset(sources), deadline, last_renewal=now)
-        if not h.sources:
-            h.status = PullStatus.DONE      # nothing to read
-        self._pulls[request_id] = h
-        return h
-
-    def source_done(self, request_id: str, source: Peer) -> PullHandle | None:
-        """Record that every read from `source` completed. None for an unknown request."""
-        h = self._live(request_id, source)
-        if h is not None and h.status is PullStatus.PENDING:
-            h.done.add(source)
-            if not h.outstanding:
-                h.status = PullStatus.DONE
-        return h
-
-    def source_failed(self, request_id: str, source: Peer, reason: str) -> PullHandle | None:
-        """The first failure fails the whole pull (decode then recomputes or errors)."""
-        h = self._live(request_id, source)
-        if h is not None and h.status is PullStatus.PENDING and source not in h.done:
-            h.failed[source] = reason
-            h.status = PullStatus.FAILED
-            h.reason = f"source {source[0]} rank {source[1]}: {reason}"
-        return h
-
-    def expire(self, now: float) -> list[PullHandle]:
-        """Pending pulls whose deadline has passed become TIMED_OUT; returns them."""
-        out = []
-        for h in self._pulls.values():
-            if h.status is PullStatus.PENDING and now >= h.deadline:
-                h.status = PullStatus.TIMED_OUT
-                missing = ", ".join(f"{e} rank {r}" for e, r in sorted(h.outstanding))
-                h.reason = f"deadline {h.deadline:g} passed waiting for {missing}"
-                out.append(h)
-        return out
-
-    def renewals_due(self, now: float) -> list[tuple[str, Peer]]:
-        """(request, source) pairs to send a LeaseRenew to now; marks them renewed."""
-        out = []
-        for h in self._pulls.values():
-            if h.status is PullStatus.PENDING and now - h.last_renewal >= self.renew_interval_s:
-                h.last_renewal = now
-                out.extend((h.request_id, s) for s in sorted(h.outstanding))
-        return out
-
-    def get(self, request_id: str) -> PullHandle | None:
-        return self._pulls.get(request_id)
-
-    def pending(self) -> list[str]:
-        return [r for r, h in self._pulls.items() if h.status is PullStatus.PENDING]
-
-    def finish(self, request_id: str) -> PullHandle:
-        """Forget a finished pull (the caller has acted on its status)."""
-        h = self._pulls[request_id]
-        if not h.finished:
-            raise ValueError(f"request {request_id!r} is still pending")
-        return self._pulls.pop(request_id)
-
-    def _live(self, request_id: str, source: Peer) -> PullHandle | None:
-        h = self._pulls.get(request_id)
-        if h is not None and source not in h.sources:
-            raise ValueError(f"request {request_id!r} does not read from {source}")
-        return h
-
-    def __len__(self) -> int:
-        return len(self._pulls)
 
 
 # ---- prefill side ------------------------------------------------------------------------

@@ -34,6 +34,16 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert {sample(probs.log(), p, g) for _ in range(50)} <= {1, 2}
 
 
+def test_top_k_samples_only_the_k_largest_logits():
+    logits = torch.tensor([0.0, 3.0, 1.0, 2.9, -1.0, 2.8])
+    p = SamplingParams(temperature=5.0, top_k=2, seed=0)      # hot: without the cut all appear
+    g = make_generator(p)
+    assert {sample(logits, p, g) for _ in range(200)} == {1, 3}
+    wide = SamplingParams(temperature=5.0, seed=0)
+    g = make_generator(wide)
+    assert len({sample(logits, wide, g) for _ in range(200)}) > 2
+
+
 def test_stop_reasons():
     r = Request(0, (1,), SamplingParams(max_tokens=3, stop_token_ids=(9,)))
     r.output_ids = [5]
@@ -48,7 +58,8 @@ def test_stop_reasons():
 
 @pytest.mark.parametrize("kw,field", [(dict(max_tokens=0), "max_tokens"),
                                       (dict(temperature=-1.0), "temperature"),
-                                      (dict(top_p=0.0), "top_p")])
+                                      (dict(top_p=0.0), "top_p"),
+                                      (dict(top_k=-1), "top_k")])
 def test_bad_params_name_the_field(kw, field):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**kw)

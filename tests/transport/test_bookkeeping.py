@@ -1,4 +1,4 @@
-"""PullTracker and LeaseTable: unit cases, and random event sequences against a shadow model."""
+"""LeaseTable: unit cases, and random event sequences against a shadow model."""
 from __future__ import annotations
 
 import math
@@ -7,106 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pdbridge.transport.bookkeeping import (LeaseTable, PullStatus, PullTracker, ReleaseReason)
+from pdbridge.transport.bookkeeping import LeaseTable, ReleaseReason
 from pdbridge.transport.messages import LeaseRenew, ReadDone, decode, encode
 
-P0, P1, P2 = ("p", 0), ("p", 1), ("p", 2)
 D0, D1 = ("d", 0), ("d", 1)
-
-
-# ---- PullTracker --------------------------------------------------------------------------
-
-def test_pull_done_when_every_source_delivered():
-    t = PullTracker(renew_interval_s=1.0)
-    h = t.pull("r1", [P0, P1], deadline=10.0, now=0.0)
-    assert h.status is PullStatus.PENDING and h.outstanding == {P0, P1}
-    t.source_done("r1", P1)
-    t.source_done("r1", P1)                     # duplicate: harmless
-    assert h.outstanding == {P0} and t.pending() == ["r1"]
-    t.source_done("r1", P0)
-    assert h.status is PullStatus.DONE and t.pending() == []
-    assert h.read_done("d", 3) == {P0: ReadDone("r1", "d", 3, True, ""),
-                                   P1: ReadDone("r1", "d", 3, True, "")}
-    assert t.finish("r1") is h and len(t) == 0
-    assert t.source_done("r1", P0) is None      # late: unknown request
-
-
-def test_first_failure_fails_the_pull():
-    t = PullTracker(1.0)
-    h = t.pull("r1", [P0, P1, P2], 10.0, 0.0)
-    t.source_done("r1", P0)
-    t.source_failed("r1", P1, "nixlRemoteDisconnectError")
-    t.source_failed("r1", P2, "second failure")
-    t.source_done("r1", P2)
-    assert h.status is PullStatus.FAILED and "rank 1" in h.reason
-    assert "nixlRemoteDisconnectError" in h.reason and set(h.failed) == {P1}
-    assert all(not m.ok for m in h.read_done("d", 0).values())
-
-
-def test_timeout_names_missing_sources():
-    t = PullTracker(1.0)
-    h = t.pull("r1", [P0, P1], deadline=5.0, now=0.0)
-    t.source_done("r1", P0)
-    assert t.expire(4.9) == []
-    assert t.expire(5.0) == [h] and h.status is PullStatus.TIMED_OUT
-    assert "p rank 1" in h.reason and "p rank 0" not in h.reason
-    assert t.expire(6.0) == []                  # reported once
-    t.source_done("r1", P1)                     # too late: stays timed out
-    assert h.status is PullStatus.TIMED_OUT
-
-
-def test_renewals_go_to_outstanding_sources_each_interval():
-    t = PullTracker(renew_interval_s=2.0)
-    t.pull("r1", [P0, P1], 100.0, now=0.0)
-    assert t.renewals_due(1.0) == []
-    t.source_done("r1", P0)
-    assert t.renewals_due(2.0) == [("r1", P1)]
-    assert t.renewals_due(3.0) == []
-    assert t.renewals_due(4.5) == [("r1", P1)]
-    t.source_done("r1", P1)
-    assert t.renewals_due(10.0) == []
-
-
-def test_pull_misuse():
-    t = PullTracker(1.0)
-    t.pull("r1", [P0], 1.0, 0.0)
-    with pytest.raises(ValueError):
-        t.pull("r1", [P0], 1.0, 0.0)
-    with pytest.raises(ValueError, match="does not read from"):
-        t.source_done("r1", P2)
-    with pytest.raises(ValueError, match="pending"):
-        t.finish("r1")
-    assert t.pull("r2", [], 1.0, 0.0).status is PullStatus.DONE
-
-
-pull_events = st.lists(st.tuples(st.sampled_from(["done", "fail", "tick"]),
-                                 st.integers(0, 2), st.floats(0.0, 3.0)), max_size=30)
-
-
-@given(pull_events)
-def test_pull_ends_in_one_consistent_status(events):
-    t, now = PullTracker(1.0), 0.0
-    h = t.pull("r", [P0, P1, P2], deadline=5.0, now=now)
-    history = []
-    for kind, src, dt in events:
-        source = (P0, P1, P2)[src]
-        if kind == "done":
-            t.source_done("r", source)
-        elif kind == "fail":
-            t.source_failed("r", source, "x")
-        else:
-            now += dt
-            t.expire(now)
-        history.append(h.status)
-    t.expire(math.inf)
-    # Once finished, the status never changes again.
-    finished = [s for s in history if s is not PullStatus.PENDING]
-    assert all(s is finished[0] for s in finished)
-    if h.status is PullStatus.DONE:
-        assert h.done == {P0, P1, P2} and not h.failed
-    if h.status is PullStatus.FAILED:
-        assert len(h.failed) == 1
-    assert h.finished
 
 
 # ---- LeaseTable ---------------------------------------------------------------------------
@@ -128,12 +32,8 @@ def test_wire_notifications_drive_the_table():
     lt.register("r1", "blocks", now=0.0, readers=[D0, D1])
     assert lt.apply(decode(encode(LeaseRenew("r1", "d", 1))), now=5.0) is None
     assert lt.deadline("r1") == 15.0
-    t = PullTracker(1.0)
     for reader in (D0, D1):     # each decode rank's pull finishes and notifies
-        t.pull("r1", [P0], 20.0, 0.0)
-        t.source_done("r1", P0)
-        (msg,) = t.finish("r1").read_done(*reader).values()
-        rel = lt.apply(decode(encode(msg)), now=6.0)
+        rel = lt.apply(decode(encode(ReadDone("r1", *reader, True, ""))), now=6.0)
     assert rel is not None and rel.reason is ReleaseReason.READ and rel.blocks == "blocks"
 
 
