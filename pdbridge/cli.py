@@ -15,6 +15,9 @@ COMMANDS = {
     "bench": ("bench", "benchmarks (`pdbridge bench transfer`, `pdbridge bench engine`)"),
     "generate": ("generate", "run one monolithic engine and print the generated tokens"),
     "demo": ("demo", "end-to-end prefill -> transfer -> decode against a monolithic engine"),
+    "serve": ("serve", "one engine behind HTTP: --role prefill, decode or both"),
+    "router": ("router", "the OpenAI-compatible endpoint over prefill and decode servers"),
+    "up": ("up", "router + prefill + decode servers on this machine; prints the URL"),
 }
 
 

@@ -115,24 +115,7 @@ def _parse_ids(text: str) -> list[int]:
 
 
 def load_tokenizer(model_dir: str | None):
-    """The default model's byte tokenizer, a HF tokenizer saved in the directory, or None.
-    Anything returned has encode(str) -> list[int] and decode(list[int]) -> str."""
-    if model_dir is None:
-        from pdbridge.model import default_model
-        return default_model            # module-level encode / decode over UTF-8 bytes
-    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-    if not any(os.path.exists(os.path.join(model_dir, n)) for n in names):
-        return None
-    from transformers import AutoTokenizer
-    return _HFTokenizer(AutoTokenizer.from_pretrained(model_dir))
-
-
-class _HFTokenizer:
-    def __init__(self, tok):
-        self._tok = tok
-
-    def encode(self, text: str) -> list[int]:
-        return list(self._tok.encode(text, add_special_tokens=False))
-
-    def decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids)
+    """The model directory's tokenizer.json (the default model's byte tokenizer when None),
+    or None if it has none."""
+    from pdbridge.serve.tokenizer import load
+    return load(model_dir)

@@ -323,6 +323,17 @@ class Engine:
         elif req.status is not RequestStatus.FINISHED:
             self.scheduler.finish(req)
 
+    def discard(self, request_id: int) -> None:
+        """Forget a request whatever its state (a client went away): abort it if it is
+        unfinished, take it if finished; an unknown id is ignored."""
+        req = self._requests.get(request_id)
+        if req is None:
+            return
+        if req.status is RequestStatus.FINISHED:
+            self.take(request_id)
+        else:
+            self.abort(request_id)
+
     def request(self, request_id: int) -> Request:
         return self._requests[request_id]
 

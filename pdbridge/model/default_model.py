@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-VERSION = 1
+VERSION = 2                 # 2: tokenizer.json + tokenizer_config.json (chat template)
 PATTERN = "M*M-M*"
 CONFIG = {
     "architectures": ["NemotronHForCausalLM"], "model_type": "nemotron_h",
@@ -32,6 +32,7 @@ CONFIG = {
     "pad_token_id": None, "dtype": "float32", "n_routed_experts": 0,
 }
 SEED = 1234
+FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 PRINTABLE = [10] + list(range(32, 127))
 
 
@@ -48,7 +49,7 @@ def model_dir(path: str | os.PathLike | None = None) -> Path:
     root = Path(path) if path else Path(os.environ.get("PDBRIDGE_CACHE",
                                                        Path.home() / ".cache" / "pdbridge"))
     out = root if path else root / f"default_model_v{VERSION}"
-    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+    if all((out / f).exists() for f in FILES):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".default_model."))
@@ -76,6 +77,17 @@ def write_checkpoint(path: str | os.PathLike) -> None:
     (path / "config.json").write_text(json.dumps(CONFIG, indent=1))
     tensors = {k: v.contiguous() for k, v in to_hf_names(initial_weights()).items()}
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    write_tokenizer(path)
+
+
+def write_tokenizer(path: str | os.PathLike) -> None:
+    """The byte-level tokenizer (ids are UTF-8 bytes, as `encode`) and a plain chat template."""
+    from pdbridge.serve.tokenizer import SIMPLE_CHAT_TEMPLATE, byte_tokenizer_json
+    path = Path(path)
+    (path / "tokenizer.json").write_text(byte_tokenizer_json(), encoding="utf-8")
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": SIMPLE_CHAT_TEMPLATE},
+        indent=1), encoding="utf-8")
 
 
 def initial_weights() -> dict[str, torch.Tensor]:

@@ -178,6 +178,12 @@ class DecodeNode:
             return PullOutcome(handle.request_id, True, False, results)
         return self._failed(handle, results)
 
+    def fail_transfer(self, handle: RequestHandle, detail: str) -> PullOutcome:
+        """A transfer that failed before any rank pulled (the prefill side's part of it, over
+        the network): recompute or fail, as for a failed pull."""
+        return self._failed(handle, tuple(PullResult(j, False, detail)
+                                          for j in range(self.tp_size)))
+
     def _failed(self, handle: RequestHandle, results: tuple[PullResult, ...]) -> PullOutcome:
         req = self.engine.request(handle.request_id)
         self.engine.abort(handle.request_id)

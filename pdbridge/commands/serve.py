@@ -1,0 +1,128 @@
+"""`pdbridge serve`: one engine behind HTTP (FastAPI + uvicorn).
+
+--role prefill: computes prompts and serves their state to decode servers (over NIXL);
+--role decode: pulls a prompt's state from a prefill server and generates;
+--role both: one monolithic engine with the OpenAI routes (/v1/completions, ...).
+Prefill and decode servers are meant to sit behind `pdbridge router` (or `pdbridge up`).
+The engine loop runs continuously: requests that arrive while others run join the batch.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+ROLES = ("prefill", "decode", "both")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--role", required=True, choices=ROLES, help="what this server does")
+    parser.add_argument("--model", metavar="DIR", help="HF model directory (config.json, "
+                        "*.safetensors, tokenizer.json); default: the embedded tiny model")
+    parser.add_argument("--model-name", metavar="NAME",
+                        help="the model id clients send (default: the directory's name)")
+    parser.add_argument("--tp", type=int, default=1, metavar="T", help="tensor-parallel size")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8100, metavar="P", help="default 8100")
+    parser.add_argument("--num-blocks", type=int, default=256, metavar="N",
+                        help="cache blocks (default 256)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--strategy", default="auto",
+                        choices=("auto", "direct", "staging", "permute"),
+                        help="decode: how ranks read Mamba conv state (default auto)")
+    parser.add_argument("--on-failure", default="recompute", choices=("recompute", "fail"),
+                        help="decode: a failed transfer recomputes the prompt (default) or "
+                             "fails the request")
+    parser.add_argument("--lease-s", type=float, default=30.0, metavar="S",
+                        help="prefill: how long prefilled blocks wait for their readers "
+                             "(renewed while they read; default 30)")
+    parser.add_argument("--pull-timeout-s", type=float, default=30.0, metavar="S",
+                        help="decode: deadline of one pull (default 30)")
+    parser.add_argument("--checksums", action="store_true",
+                        help="prefill and decode: digest and compare every transferred byte")
+    parser.add_argument("--log-level", default="warning",
+                        choices=("critical", "error", "warning", "info", "debug"),
+                        help="uvicorn's log level (default warning)")
+
+
+def check(args) -> str:
+    """One line naming the bad flag, or ""."""
+    if args.tp < 1:
+        return f"--tp must be >= 1, got {args.tp}"
+    if args.num_blocks < 2:
+        return f"--num-blocks must be >= 2, got {args.num_blocks}"
+    if not 0 < args.port < 65536:
+        return f"--port must be in 1..65535, got {args.port}"
+    if args.lease_s <= 0 or args.pull_timeout_s <= 0:
+        return "--lease-s and --pull-timeout-s must be > 0"
+    if args.model is not None and not os.path.isfile(os.path.join(args.model, "config.json")):
+        return f"--model {args.model!r}: no config.json there (want an HF model directory)"
+    if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
+        return f"--device {args.device!r}; allowed: cpu, cuda"
+    if args.device != "cpu" and args.role != "both":
+        return f"--device {args.device}: only --role both runs on another device today"
+    return ""
+
+
+def run(args) -> int:
+    prog = "pdbridge serve"
+    error = check(args)
+    if not error:
+        from pdbridge.commands.preflight import check_device, check_model
+        from pdbridge.spec import CacheConfig
+        cache = CacheConfig(num_blocks=args.num_blocks)
+        error = check_device(args.device) or check_model(args.model, [("--tp", args.tp)], cache)
+    if error:
+        print(f"{prog}: {error}", file=sys.stderr)
+        return 2
+    from pdbridge.serve.node_service import NodeConfig, NodeService
+    from pdbridge.serve.decode_node import OnFailure
+    from pdbridge.serve.wire import Role
+    config = NodeConfig(role=Role(args.role), model_dir=args.model, tp_size=args.tp,
+                        cache=cache, model_name=args.model_name, device=args.device,
+                        strategy=args.strategy, on_failure=OnFailure(args.on_failure),
+                        lease_s=args.lease_s, pull_timeout_s=args.pull_timeout_s,
+                        checksums=args.checksums)
+    print(f"{prog}: starting the {args.role} engine (TP={args.tp}) ...", file=sys.stderr,
+          flush=True)
+    service = NodeService(config)
+    try:
+        from pdbridge.serve.node_app import build_app
+        app = build_app(service)
+        return serve_app(app, args.host, args.port, args.log_level, prog,
+                         f"{args.role} server (model {service.model_name}, TP={args.tp})")
+    finally:
+        service.close()
+
+
+def serve_app(app, host: str, port: int, log_level: str, prog: str, what: str,
+              before=None) -> int:
+    """Run `app` under uvicorn until SIGINT/SIGTERM; prints one `ready` line to stderr once
+    it listens (`pdbridge up` and the tests wait for it). `before`: awaited first."""
+    import asyncio
+
+    import uvicorn
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            access_log=log_level in ("info", "debug"), lifespan="off")
+    server = uvicorn.Server(config)
+
+    async def main():
+        if before is not None:
+            await before()
+        task = asyncio.create_task(server.serve())     # handles SIGINT / SIGTERM itself
+        while not server.started and not task.done():
+            await asyncio.sleep(0.05)
+        if server.started:
+            print(f"{prog}: {what} ready at http://{host}:{port}", file=sys.stderr, flush=True)
+        await task
+        return server.started
+
+    try:
+        ok = asyncio.run(main())
+    except (OSError, SystemExit) as e:      # uvicorn exits when it cannot bind
+        print(f"{prog}: could not listen on {host}:{port} ({e or 'in use?'})", file=sys.stderr)
+        return 2
+    if not ok:
+        print(f"{prog}: could not listen on {host}:{port} (in use?)", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,141 @@
+"""EngineLoop: the one thread that owns an engine inside a server process.
+
+The engine (and the node around it) is not thread-safe, and its worker processes answer one
+call at a time; so exactly one thread touches it. HTTP handlers (asyncio) hand it work with
+`call(fn)` -- fn(owner) runs on the loop thread between steps -- and get a future back. The
+thread steps the engine whenever any request has work, so a request that arrives while others
+run joins the next batch; per-request sinks (`watch`) get each StepOutput on the loop thread.
+
+Failure: an exception from a step (a dead worker, EngineError) fails every watched request
+and every later call; the loop is then `broken` (health reports it) until closed.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import queue
+import threading
+import time
+from typing import Any, Callable
+
+from pdbridge.engine.llm_engine import Engine, EngineFull, StepOutput
+
+Sink = Callable[[StepOutput | BaseException], None]
+
+
+class EngineLoop:
+    def __init__(self, owner: Any, engine: Engine, *, name: str = "engine-loop",
+                 idle: Callable[[], None] | None = None, idle_every_s: float = 0.005,
+                 after_step: Callable[[], None] | None = None):
+        """owner: what `call` functions receive (a PrefillNode, DecodeNode or Engine).
+        idle: run at least every `idle_every_s` (the prefill node polls notifications);
+        after_step: run after every step (finished prefills are collected there)."""
+        self.owner, self.engine = owner, engine
+        self._idle, self._idle_every_s, self._after_step = idle, idle_every_s, after_step
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._sinks: dict[int, Sink] = {}
+        self._stop = threading.Event()
+        self.broken: BaseException | None = None
+        self.steps = 0
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    # ---- any thread ------------------------------------------------------------------
+
+    def call(self, fn: Callable[[Any], Any]) -> concurrent.futures.Future:
+        """Run fn(owner) on the loop thread; its result or exception arrives in the future."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        if self.broken is not None or self._stop.is_set():
+            fut.set_exception(RuntimeError(f"the engine loop has stopped: {self.broken}"))
+            return fut
+        self._calls.put((fn, fut))
+        return fut
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Stop the thread (pending calls fail); the caller then closes the engine."""
+        self._stop.set()
+        self._calls.put(None)
+        self._thread.join(timeout_s)
+
+    # ---- the loop thread only -------------------------------------------------------
+
+    def watch(self, request_id: int, sink: Sink) -> None:
+        """Send the request's StepOutputs to `sink` (on this thread) until it finishes."""
+        self._sinks[request_id] = sink
+
+    def unwatch(self, request_id: int) -> None:
+        self._sinks.pop(request_id, None)
+
+    def _run(self) -> None:
+        next_idle = 0.0
+        while not self._stop.is_set():
+            busy = self.broken is None and self.engine.has_unfinished()
+            self._run_calls(block=not busy, timeout=self._idle_every_s)
+            if self._stop.is_set():
+                break
+            if self.broken is None and self.engine.has_unfinished():
+                try:
+                    outputs = self.engine.step()
+                except EngineFull:
+                    outputs = None           # queued behind held blocks: wait for releases
+                except BaseException as e:   # a dead or stuck worker: everything fails
+                    self._fail(e)
+                    continue
+                if outputs is None:
+                    time.sleep(self._idle_every_s)
+                else:
+                    self.steps += 1
+                    self._dispatch(outputs)
+                    if self._after_step is not None:
+                        self._guarded(self._after_step)
+            now = time.monotonic()
+            if self._idle is not None and now >= next_idle and self.broken is None:
+                self._guarded(self._idle)
+                next_idle = now + self._idle_every_s
+        self._fail_calls(RuntimeError("the engine loop was closed"))
+
+    def _run_calls(self, block: bool, timeout: float) -> None:
+        try:
+            item = self._calls.get(timeout=timeout) if block else self._calls.get_nowait()
+        except queue.Empty:
+            return
+        while item is not None:
+            fn, fut = item
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn(self.owner))
+                except BaseException as e:
+                    fut.set_exception(e)
+            try:
+                item = self._calls.get_nowait()
+            except queue.Empty:
+                return
+
+    def _dispatch(self, outputs: list[StepOutput]) -> None:
+        for out in outputs:
+            sink = self._sinks.get(out.request_id)
+            if out.finished:
+                self._sinks.pop(out.request_id, None)
+            if sink is not None:
+                sink(out)
+
+    def _guarded(self, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except BaseException as e:
+            self._fail(e)
+
+    def _fail(self, error: BaseException) -> None:
+        self.broken = error
+        sinks, self._sinks = self._sinks, {}
+        for sink in sinks.values():
+            sink(error)
+        self._fail_calls(error)
+
+    def _fail_calls(self, error: BaseException) -> None:
+        while True:
+            try:
+                item = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None and item[1].set_running_or_notify_cancel():
+                item[1].set_exception(RuntimeError(f"the engine loop has stopped: {error}"))

@@ -1,0 +1,204 @@
+"""`pdbridge router`: the OpenAI-compatible endpoint over prefill and decode servers.
+
+Per request: the least-loaded decode server is chosen first (the prefill engine must know
+whose ranks will read), then the least-loaded prefill server computes the prompt's first N-1
+tokens and returns its TransferParams, which go to the decode server with the prompt and
+sampling; the decode server pulls the state and streams tokens back through here.
+
+Every upstream call has a deadline: a dead, stopped or unreachable server is an error
+response (HTTP 502/503 or an error event in a stream), never a hang.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+import httpx
+import msgspec
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+
+from . import wire
+from .metrics import ServeMetrics
+from .openai_api import metrics_route, mount
+from .tokenizer import Tokenizer, TokenizerFiles
+from .transfer_params import TransferParams
+from .wire import Role
+
+
+class RouterConfigError(ValueError):
+    """The servers named do not make one deployment (roles, models)."""
+
+
+@dataclass
+class Upstream:
+    url: str
+    info: wire.NodeInfo
+    in_flight: int = 0
+
+
+class PDBackend:
+    """The Backend of the OpenAI front over HTTP prefill + decode servers."""
+
+    def __init__(self, prefill_urls: list[str], decode_urls: list[str], *,
+                 timeout_s: float = 120.0, connect_timeout_s: float = 5.0):
+        if not prefill_urls or not decode_urls:
+            raise RouterConfigError("--prefill and --decode each need at least one URL")
+        self._urls = ([u.rstrip("/") for u in prefill_urls], [u.rstrip("/") for u in decode_urls])
+        self._timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s)
+        self.client: httpx.AsyncClient | None = None
+        self.prefills: list[Upstream] = []
+        self.decodes: list[Upstream] = []
+        self.model, self.max_model_len, self.tokenizer = "", 0, None
+
+    async def start(self, wait_s: float = 600.0) -> None:
+        """Fetch every server's NodeInfo (waiting up to wait_s for servers still starting);
+        refuse servers of the wrong role or of another model."""
+        self.client = httpx.AsyncClient(timeout=self._timeout)
+        deadline = time.monotonic() + wait_s
+        pre, dec = self._urls
+        infos = await asyncio.gather(*(self._wait_info(u, deadline) for u in pre + dec))
+        self.prefills = [Upstream(u, i) for u, i in zip(pre, infos[:len(pre)])]
+        self.decodes = [Upstream(u, i) for u, i in zip(dec, infos[len(pre):])]
+        for want, ups in ((Role.PREFILL, self.prefills), (Role.DECODE, self.decodes)):
+            for up in ups:
+                if up.info.role is not want:
+                    raise RouterConfigError(f"--{want.value} {up.url}: that server's role is "
+                                            f"{up.info.role.value!r}, not {want.value!r}")
+        models = {up.info.model for up in self.prefills + self.decodes}
+        if len(models) != 1:
+            raise RouterConfigError("the servers serve different models: " + ", ".join(
+                f"{up.url}={up.info.model}" for up in self.prefills + self.decodes))
+        toks = {up.info.tokenizer_json for up in self.prefills + self.decodes}
+        if len(toks) != 1:
+            raise RouterConfigError("the servers' tokenizers differ (tokenizer.json)")
+        first = self.prefills[0].info
+        self.model = first.model
+        self.max_model_len = min(up.info.max_model_len for up in self.prefills + self.decodes)
+        self.tokenizer = Tokenizer(TokenizerFiles(first.tokenizer_json, first.chat_template)) \
+            if first.tokenizer_json else None
+
+    async def _wait_info(self, url: str, deadline: float) -> wire.NodeInfo:
+        while True:
+            try:
+                r = await self.client.get(url + "/pd/info")
+                if r.status_code == 200:
+                    return wire.decode(r.content, wire.NodeInfo)
+                error = f"HTTP {r.status_code}"
+            except httpx.HTTPError as e:
+                error = f"{type(e).__name__}: {e}"
+            except (msgspec.ValidationError, msgspec.DecodeError) as e:
+                raise RouterConfigError(f"{url}: not a pdbridge server ({e})") from None
+            if time.monotonic() > deadline:
+                raise RouterConfigError(f"{url}: no answer from /pd/info ({error})")
+            await asyncio.sleep(0.25)
+
+    async def close(self) -> None:
+        if self.client is not None:
+            await self.client.aclose()
+
+    async def loads(self) -> dict[str, wire.NodeLoad]:
+        """Each reachable server's load, for /metrics and /health."""
+        async def one(up: Upstream):
+            try:
+                r = await self.client.get(up.url + "/pd/info", timeout=2.0)
+                up.info = wire.decode(r.content, wire.NodeInfo)
+                return up.url, up.info
+            except (httpx.HTTPError, msgspec.ValidationError, msgspec.DecodeError):
+                return up.url, None
+        out = await asyncio.gather(*(one(u) for u in self.prefills + self.decodes))
+        return dict(out)
+
+    @staticmethod
+    def _least_loaded(ups: list[Upstream]) -> Upstream:
+        return min(ups, key=lambda u: u.in_flight)
+
+    async def stream(self, prompt_ids: tuple[int, ...], sampling: wire.Sampling
+                     ) -> AsyncIterator[wire.TokenEvent]:
+        dec = self._least_loaded(self.decodes)
+        dec.in_flight += 1
+        try:
+            params, prefill_url = None, ""
+            if len(prompt_ids) >= 2:
+                pre = self._least_loaded(self.prefills)
+                pre.in_flight += 1
+                try:
+                    params = await self._prefill(pre, prompt_ids, dec)
+                finally:
+                    pre.in_flight -= 1
+                if isinstance(params, wire.TokenEvent):     # the prefill failed
+                    yield params
+                    return
+                prefill_url = pre.url
+            body = wire.encode(wire.TransferRequest(prompt_ids, sampling, params, prefill_url))
+            async for ev in self._decode(dec, body):
+                yield ev
+        finally:
+            dec.in_flight -= 1
+
+    async def _prefill(self, pre: Upstream, prompt_ids, dec: Upstream
+                       ) -> TransferParams | wire.TokenEvent:
+        body = wire.encode(wire.PrefillRequest(prompt_ids, dec.info.engine_id, dec.info.tp_size))
+        try:
+            r = await self.client.post(pre.url + "/pd/prefill", content=body,
+                                       headers={"content-type": "application/json"})
+        except httpx.HTTPError as e:
+            return wire.TokenEvent(error=f"unavailable: prefill server {pre.url}: "
+                                         f"{type(e).__name__}: {e}")
+        if r.status_code != 200:
+            return wire.TokenEvent(error=_upstream_error("prefill", pre.url, r))
+        return wire.decode(r.content, TransferParams)
+
+    async def _decode(self, dec: Upstream, body: bytes) -> AsyncIterator[wire.TokenEvent]:
+        try:
+            async with self.client.stream("POST", dec.url + "/pd/decode", content=body,
+                                          headers={"content-type": "application/json"}) as r:
+                if r.status_code != 200:
+                    await r.aread()
+                    yield wire.TokenEvent(error=_upstream_error("decode", dec.url, r))
+                    return
+                async for line in r.aiter_lines():
+                    if line:
+                        ev = wire.decode(line.encode(), wire.TokenEvent)
+                        yield ev
+                        if ev.finish_reason is not None or ev.error is not None:
+                            return
+            yield wire.TokenEvent(error=f"unavailable: decode server {dec.url} ended the "
+                                        "stream early")
+        except httpx.HTTPError as e:
+            yield wire.TokenEvent(error=f"unavailable: decode server {dec.url}: "
+                                        f"{type(e).__name__}: {e}")
+
+
+def _upstream_error(role: str, url: str, r: httpx.Response) -> str:
+    try:
+        detail = wire.decode(r.content, wire.ErrorBody).error
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        detail = r.text[:300]
+    kind = "bad_request" if r.status_code == 400 else "unavailable"
+    return f"{kind}: {role} server {url}: HTTP {r.status_code}: {detail}"
+
+
+def build_router_app(backend: PDBackend) -> FastAPI:
+    """The router's app; `backend.start()` must have run (the CLI awaits it first)."""
+    app = FastAPI(title="pdbridge router", docs_url=None, redoc_url=None)
+    metrics = ServeMetrics()
+
+    @app.get("/health")
+    async def health():
+        loads = await backend.loads()
+        down = [u for u, info in loads.items() if info is None or not info.healthy]
+        body = {"status": "ok" if not down else "degraded", "down": down,
+                "prefill": [u.url for u in backend.prefills],
+                "decode": [u.url for u in backend.decodes]}
+        return JSONResponse(body, status_code=200 if not down else 503)
+
+    async def refresh():
+        for url, info in (await backend.loads()).items():
+            if info is not None:
+                metrics.observe_load(url, info.load)
+    metrics_route(app, metrics, refresh)
+    mount(app, backend, metrics)
+    return app

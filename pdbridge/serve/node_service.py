@@ -1,0 +1,381 @@
+"""NodeService: one engine in a server process, as the HTTP handlers see it.
+
+It owns the node (PrefillNode, DecodeNode or a plain Engine for role `both`) and the
+EngineLoop thread that alone touches it, and closes both in `close`. Its async methods are
+what the routes of node_app call; each hands work to the loop thread and awaits the answer.
+
+Requests join the running batch: a prefill request is queued (`PrefillNode.submit`) and
+answered once its tokens are computed; a decode request gets its blocks (or waits in the
+backlog for them), pulls its state, and then streams tokens from every later step.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable
+
+import httpx
+
+from pdbridge.engine.llm_engine import Engine, EngineFull, StepOutput
+from pdbridge.engine.scheduler import RequestTooLarge
+from pdbridge.plan import Strategy
+from pdbridge.spec import CacheConfig
+
+from . import wire
+from .decode_node import DecodeNode, OnFailure, PullFailed
+from .engine_loop import EngineLoop
+from .prefill_node import PrefillNode
+from .tokenizer import read_files
+from .transfer_params import TransferParams
+from .wire import Role
+
+
+DEFAULT_MODEL_NAME = "pdbridge-tiny"     # the embedded default model's id
+
+
+class BadRequest(ValueError):
+    """The request itself is wrong (HTTP 400): too long, token ids outside the vocabulary."""
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Every setting of a node server, made once at the edge (the CLI)."""
+    role: Role
+    model_dir: str | None
+    tp_size: int = 1
+    cache: CacheConfig = CacheConfig(num_blocks=256)
+    model_name: str | None = None           # None: the model directory's name
+    device: str = "cpu"
+    transport: str = "nixl"
+    strategy: str = "auto"
+    on_failure: OnFailure = OnFailure.RECOMPUTE
+    lease_s: float = 30.0
+    timeout_s: float = 60.0                 # engine collectives
+    pull_timeout_s: float = 30.0            # one pull (handshake and reads)
+    checksums: bool = False
+
+
+class NodeService:
+    def __init__(self, config: NodeConfig):
+        from pdbridge.engine.model_loader import default_model_dir
+        self.config = config
+        self.model_dir = config.model_dir or str(default_model_dir())
+        self.model_name = config.model_name or (
+            os.path.basename(os.path.normpath(self.model_dir)) if config.model_dir
+            else DEFAULT_MODEL_NAME)
+        files = read_files(self.model_dir)
+        self._tokenizer_json = files.tokenizer_json if files else None
+        self._chat_template = files.chat_template if files else None
+        role = config.role
+        if role is Role.PREFILL:
+            self.node = PrefillNode(self.model_dir, config.tp_size, config.cache,
+                                    transport=config.transport, lease_s=config.lease_s,
+                                    timeout_s=config.timeout_s, checksums=config.checksums)
+            engine = self.node.engine
+        elif role is Role.DECODE:
+            self.node = DecodeNode(self.model_dir, config.tp_size, config.cache,
+                                   transport=config.transport, strategy=config.strategy,
+                                   on_failure=config.on_failure, timeout_s=config.timeout_s,
+                                   pull_timeout_s=config.pull_timeout_s,
+                                   checksums=config.checksums)
+            engine = self.node.engine
+        else:
+            self.node = engine = Engine(self.model_dir, config.tp_size, config.cache,
+                                        device=config.device, timeout_s=config.timeout_s)
+        self.engine: Engine = engine
+        self.engine_id = getattr(self.node, "engine_id", f"both-{os.getpid()}")
+        layout = engine.layout
+        uses_attn = engine.scheduler.uses_attention
+        capacity = (layout.num_blocks - 1) * layout.block_tokens if uses_attn else 1 << 30
+        self.max_model_len = min(capacity, int(engine.spec.config.get(
+            "max_position_embeddings") or capacity))
+        self._pending_prefills: dict[int, Callable[[TransferParams | BaseException], None]] = {}
+        self._held: dict[str, TransferParams] = {}             # prefill: under a lease
+        self._backlog: deque[Callable[[], bool]] = deque()      # decode: waiting for blocks
+        self._http = httpx.Client(timeout=config.pull_timeout_s) if role is Role.DECODE else None
+        self.loop = EngineLoop(self.node, engine, name=f"engine-loop-{role.value}",
+                               idle=self._idle, after_step=self._after_step)
+
+    def close(self) -> None:
+        self.loop.close()
+        if self._http is not None:
+            self._http.close()
+        self.node.close()
+
+    # ---- info ------------------------------------------------------------------------
+
+    def info(self) -> wire.NodeInfo:
+        """Read from the handler thread: counts may be a step old, which is all load is."""
+        e, c = self.engine, self.config
+        sched = e.scheduler
+        held = self.node.num_held if c.role is Role.PREFILL else 0
+        load = wire.NodeLoad(running=len(sched.running), waiting=len(sched.waiting) +
+                             len(self._backlog), blocks_total=sched.pool.num_blocks,
+                             blocks_free=sched.pool.num_free, held=held)
+        broken = self.loop.broken
+        return wire.NodeInfo(
+            role=c.role, engine_id=self.engine_id, model=self.model_name, tp_size=c.tp_size,
+            max_model_len=self.max_model_len, eos_token_ids=tuple(e.eos_token_ids),
+            tokenizer_json=self._tokenizer_json, chat_template=self._chat_template, load=load,
+            layout_digest=e.layout.digest if c.role is Role.PREFILL else "",
+            transfer_mode="pull", checksums=c.checksums, healthy=broken is None,
+            error=str(broken) if broken is not None else "")
+
+    def check_request(self, prompt_ids, max_tokens: int) -> None:
+        n = len(prompt_ids)
+        if n == 0:
+            raise BadRequest("prompt: empty")
+        if n + max_tokens > self.max_model_len:
+            raise BadRequest(f"prompt: {n} tokens + max_tokens {max_tokens} exceed the "
+                             f"model's context of {self.max_model_len} tokens")
+        vocab = self.engine.spec.vocab_size
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise BadRequest(f"prompt: token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+
+    # ---- prefill -----------------------------------------------------------------------
+
+    async def prefill(self, req: wire.PrefillRequest) -> TransferParams:
+        if len(req.prompt_ids) < 2:
+            raise BadRequest("prompt: a disaggregated prompt needs at least 2 tokens")
+        self.check_request(req.prompt_ids, 1)
+        done = _Completion()
+
+        def submit(node: PrefillNode) -> None:
+            rid = node.submit(req.prompt_ids)
+
+            def finished(result):
+                if isinstance(result, TransferParams):
+                    node.expect_readers(result, req.decode_engine_id, req.decode_tp)
+                done.set(result)
+            self._pending_prefills[rid] = finished
+        await asyncio.wrap_future(self.loop.call(submit))
+        return await done.wait()
+
+    def _after_step(self) -> None:
+        if self._pending_prefills:
+            for rid in list(self._pending_prefills):
+                params = self.node.collect(rid)
+                if params is not None:
+                    self._held[params.request_id] = params
+                    self._pending_prefills.pop(rid)(params)
+        self._retry_backlog()
+
+    def _idle(self) -> None:
+        if self.config.role is Role.PREFILL:
+            self.node.poll()
+            if self.node.released:          # a server runs for days: keep nothing released
+                for rel in self.node.released:
+                    self._held.pop(rel.request_id, None)
+                self.node.released.clear()
+        self._retry_backlog()
+
+    async def prepare_permute(self, req: wire.PermuteRequest) -> wire.PermuteBases:
+        strategies = {int(j): Strategy(s) for j, s in req.strategies.items()}
+        params = self._held_params(req.request_id)
+        bases = await asyncio.wrap_future(self.loop.call(lambda n: n.prepare_permute(
+            params, req.decode_engine_id, req.decode_layout, req.decode_blocks, strategies)))
+        return wire.PermuteBases(bases)
+
+    async def digest_reads(self, req: wire.DigestRequest) -> wire.ReadDigests:
+        params = self._held_params(req.request_id)
+        digests = await asyncio.wrap_future(self.loop.call(lambda n: n.digest_reads(
+            params, req.decode_layout, req.decode_blocks)))
+        return wire.ReadDigests(digests)
+
+    def _held_params(self, request_id: str) -> TransferParams:
+        params = self._held.get(request_id)
+        if params is None or request_id not in self.node.leases:
+            raise BadRequest(f"request_id: {request_id!r} is not held here (released or unknown)")
+        return params
+
+    # ---- decode ------------------------------------------------------------------------
+
+    async def decode(self, req: wire.TransferRequest) -> AsyncIterator[wire.TokenEvent]:
+        sampling = req.sampling.params()
+        self.check_request(req.prompt_ids, sampling.max_tokens)
+        stream = _TokenStream()
+        t0 = time.perf_counter()
+
+        if req.params is None:                  # nothing was prefilled: compute it here
+            async for event in self.generate(wire.GenerateRequest(req.prompt_ids, req.sampling)):
+                yield event
+            return
+
+        def start(node: DecodeNode) -> None:
+            def attempt() -> bool:
+                if stream.cancelled:
+                    return True             # the client left while it waited
+                try:
+                    handle = node.allocate(req.prompt_ids, sampling)
+                except EngineFull:
+                    return False
+                except BaseException as e:
+                    stream.fail(e)
+                    return True
+                try:
+                    outcome = self._pull(node, handle, req)
+                except BaseException as e:      # PullFailed (on_failure=fail), EngineError
+                    stream.fail(e)
+                    return True
+                stream.request_id = outcome.request_id
+                stream.first(wire.TransferStats(
+                    outcome.nbytes, outcome.descriptors, time.perf_counter() - t0,
+                    outcome.recomputed, tuple(sorted({r.strategy for r in outcome.results
+                                                      if r.strategy})),
+                    tuple(outcome.errors)))
+                self.loop.watch(outcome.request_id, self._sink(stream))
+                return True
+            if self._backlog or not attempt():
+                self._backlog.append(attempt)
+        async for event in self._run(start, stream):
+            yield event
+
+    def _pull(self, node: DecodeNode, handle, req: wire.TransferRequest):
+        """Strategies, the prefill side's part (permute, checksums) over HTTP, then the pull;
+        a failure before the pull goes to the failure policy like a failed pull."""
+        params = req.params
+        b = handle.blocks
+        decode_blocks = (b.num_tokens, b.attn_blocks, b.state_block)
+        try:
+            strategies = node.choose_strategies(handle, params)
+            bases = {}
+            if Strategy.PERMUTE in strategies.values():
+                out = self._post(req.prefill_url, "/pd/prepare_permute", wire.PermuteRequest(
+                    params.request_id, node.engine_id, node.layout_dict, decode_blocks,
+                    {j: s.value for j, s in strategies.items()}), wire.PermuteBases)
+                bases = out.bases
+            digests = None
+            if node.checksums:
+                digests = self._post(req.prefill_url, "/pd/digest_reads", wire.DigestRequest(
+                    params.request_id, node.layout_dict, decode_blocks), wire.ReadDigests).digests
+        except (httpx.HTTPError, RuntimeError, ValueError) as e:
+            return node.fail_transfer(handle, f"before the pull: {e}")
+        return node.pull(handle, params, bases, renew_every_s=params.lease_s / 3,
+                         strategies=strategies, checksums=digests)
+
+    def _post(self, base: str, path: str, body, kind):
+        r = self._http.post(base.rstrip("/") + path, content=wire.encode(body),
+                            headers={"content-type": "application/json"})
+        if r.status_code != 200:
+            raise RuntimeError(f"{path} on {base}: HTTP {r.status_code} {r.text[:200]}")
+        return wire.decode(r.content, kind)
+
+    def _retry_backlog(self) -> None:
+        while self._backlog and self._backlog[0]():
+            self._backlog.popleft()
+
+    # ---- both --------------------------------------------------------------------------
+
+    async def generate(self, req: wire.GenerateRequest) -> AsyncIterator[wire.TokenEvent]:
+        sampling = req.sampling.params()
+        self.check_request(req.prompt_ids, sampling.max_tokens)
+        stream = _TokenStream()
+
+        engine = self.engine
+
+        def start(_) -> None:
+            try:
+                rid = engine.add_request(req.prompt_ids, sampling)
+            except BaseException as e:
+                stream.fail(e)
+                return
+            stream.request_id = rid
+            self.loop.watch(rid, self._sink(stream))
+        async for event in self._run(start, stream):
+            yield event
+
+    # ---- streams -----------------------------------------------------------------------
+
+    def _sink(self, stream: "_TokenStream"):
+        engine = self.engine
+
+        def sink(out: StepOutput | BaseException) -> None:     # on the loop thread
+            if isinstance(out, BaseException):
+                stream.fail(out)
+                return
+            if out.finished:
+                engine.take(out.request_id)
+            stream.put(wire.TokenEvent(out.new_token_ids, out.finish_reason.value
+                                       if out.finished and out.finish_reason else None))
+        return sink
+
+    async def _run(self, start, stream: "_TokenStream") -> AsyncIterator[wire.TokenEvent]:
+        stream.bind(asyncio.get_running_loop())
+        await asyncio.wrap_future(self.loop.call(start))
+        finished = False
+        try:
+            while True:
+                event = await stream.get()
+                finished = event.finish_reason is not None or event.error is not None
+                yield event
+                if finished:
+                    return
+        finally:
+            if not finished:            # the client went away: free the request's blocks
+                self.loop.call(lambda _: self._abort(stream))
+
+    def _abort(self, stream: "_TokenStream") -> None:
+        rid = stream.request_id
+        if rid is None:
+            stream.cancelled = True             # still in the backlog: drop it there
+            return
+        self.loop.unwatch(rid)
+        self.engine.discard(rid)
+
+
+class _Completion:
+    """One result handed from the loop thread to an awaiting handler."""
+
+    def __init__(self):
+        self._loop = asyncio.get_running_loop()
+        self._fut = self._loop.create_future()
+
+    def set(self, result) -> None:
+        self._loop.call_soon_threadsafe(self._resolve, result)
+
+    def _resolve(self, result) -> None:
+        if self._fut.done():
+            return
+        if isinstance(result, BaseException):
+            self._fut.set_exception(result)
+        else:
+            self._fut.set_result(result)
+
+    async def wait(self):
+        return await self._fut
+
+
+class _TokenStream:
+    """TokenEvents from the loop thread to one handler, in order."""
+
+    def __init__(self):
+        self.request_id: int | None = None
+        self.cancelled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._transfer: wire.TransferStats | None = None
+
+    def bind(self, loop) -> None:
+        self._loop = loop
+
+    def first(self, stats: wire.TransferStats) -> None:
+        self._transfer = stats
+
+    def put(self, event: wire.TokenEvent) -> None:
+        if self._transfer is not None:
+            event = wire.TokenEvent(event.token_ids, event.finish_reason, event.error,
+                                    self._transfer)
+            self._transfer = None
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+
+    def fail(self, error: BaseException) -> None:
+        kind = "bad_request" if isinstance(error, (RequestTooLarge, BadRequest)) else \
+            "transfer_failed" if isinstance(error, PullFailed) else "engine_error"
+        self.put(wire.TokenEvent(error=f"{kind}: {error}"))
+
+    async def get(self) -> wire.TokenEvent:
+        return await self._queue.get()

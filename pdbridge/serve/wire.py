@@ -1,0 +1,152 @@
+"""What crosses the HTTP boundaries between router, prefill servers and decode servers: one
+typed msgspec struct per message, JSON on the wire, every fact once.
+
+    router  -- GET  /pd/info ---------------> any node      NodeInfo (model, tokenizer, load)
+    router  -- POST /pd/prefill ------------> prefill       PrefillRequest -> TransferParams
+    router  -- POST /pd/decode -------------> decode        TransferRequest -> TokenEvent lines
+    decode  -- POST /pd/prepare_permute ----> prefill       PermuteRequest -> PermuteBases
+    decode  -- POST /pd/digest_reads -------> prefill       DigestRequest -> ReadDigests
+    router  -- POST /pd/generate -----------> both          GenerateRequest -> TokenEvent lines
+
+Token streams are newline-delimited JSON, one TokenEvent per line; the last one has a
+finish_reason or an error.
+"""
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import msgspec
+
+from pdbridge.engine.request import SamplingParams
+
+from .transfer_params import TransferParams
+
+
+class Role(enum.Enum):
+    PREFILL = "prefill"     # computes prompts, serves their state to decode servers
+    DECODE = "decode"       # pulls a prompt's state, generates
+    BOTH = "both"           # one monolithic engine: prompt and generation here
+
+
+class _Wire(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    pass
+
+
+class Sampling(_Wire):
+    """SamplingParams on the wire (validated again where it becomes one)."""
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    ignore_eos: bool = False
+    stop_token_ids: tuple[int, ...] = ()
+
+    def params(self) -> SamplingParams:
+        return SamplingParams(self.max_tokens, self.temperature, self.top_p, self.top_k,
+                              self.seed, self.ignore_eos, self.stop_token_ids)
+
+
+class NodeLoad(_Wire):
+    running: int                # requests with blocks (decoding, or prefilled and held)
+    waiting: int                # queued for blocks or compute
+    blocks_total: int
+    blocks_free: int
+    held: int = 0               # prefill: requests whose blocks await their readers
+
+
+class NodeInfo(_Wire):
+    role: Role
+    engine_id: str
+    model: str                  # the name clients use (the model directory's name)
+    tp_size: int
+    max_model_len: int          # prompt + generated tokens one request may have
+    eos_token_ids: tuple[int, ...]
+    tokenizer_json: str | None
+    chat_template: str | None
+    load: NodeLoad
+    layout_digest: str = ""     # prefill: its EngineLayout's digest (the handshake checks it)
+    transfer_mode: str = "pull"
+    checksums: bool = False
+    healthy: bool = True
+    error: str = ""
+
+
+class PrefillRequest(_Wire):
+    prompt_ids: tuple[int, ...]
+    decode_engine_id: str       # the decode engine chosen for it: its ranks will read
+    decode_tp: int
+
+
+class TransferRequest(_Wire):
+    """Everything a decode server needs to start a prefilled request. Without params (a
+    one-token prompt has nothing to prefill elsewhere) the decode server computes it."""
+    prompt_ids: tuple[int, ...]
+    sampling: Sampling
+    params: TransferParams | None = None
+    prefill_url: str = ""       # the prefill server, for permute and checksums
+
+
+class GenerateRequest(_Wire):
+    prompt_ids: tuple[int, ...]
+    sampling: Sampling
+
+
+class PermuteRequest(_Wire):
+    request_id: str
+    decode_engine_id: str
+    decode_layout: dict[str, Any]
+    decode_blocks: tuple[int, tuple[int, ...], int]
+    strategies: dict[int, str]      # decode rank -> concrete strategy
+
+
+class PermuteBases(_Wire):
+    bases: dict[int, dict[int, int]]    # prefill rank -> decode rank -> scratch base
+
+
+class DigestRequest(_Wire):
+    request_id: str
+    decode_layout: dict[str, Any]
+    decode_blocks: tuple[int, tuple[int, ...], int]
+
+
+class ReadDigests(_Wire):
+    digests: dict[int, dict[int, int]]  # prefill rank -> decode rank -> xxh3_64
+
+
+class TransferStats(_Wire):
+    nbytes: int
+    descriptors: int
+    seconds: float              # decode side: from receiving the request to its state in place
+    recomputed: bool
+    strategies: tuple[str, ...] = ()
+    errors: tuple[str, ...] = ()
+
+
+class TokenEvent(_Wire):
+    token_ids: tuple[int, ...] = ()
+    finish_reason: str | None = None    # FinishReason value; set on the last event
+    error: str | None = None            # the request failed; the last event
+    transfer: TransferStats | None = None   # on the first event of a decode stream
+
+
+class ErrorBody(_Wire):
+    error: str
+    field: str | None = None
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def encode(obj: msgspec.Struct) -> bytes:
+    return _encoder.encode(obj)
+
+
+def decode(data: bytes, kind: type):
+    """One struct of `kind` from JSON; msgspec.ValidationError / DecodeError if it is not."""
+    return msgspec.json.decode(data, type=kind)
+
+
+def event_line(event: TokenEvent) -> bytes:
+    return _encoder.encode(event) + b"\n"
