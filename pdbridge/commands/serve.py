@@ -59,6 +59,12 @@ def check(args) -> str:
         return f"--model {args.model!r}: no config.json there (want an HF model directory)"
     if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
         return f"--device {args.device!r}; allowed: cpu, cuda"
+    from pdbridge.transport.side_channel_key import ENV_SECRET, ENV_SECRET_FILE
+    if args.role != "both" and not (os.environ.get(ENV_SECRET) or os.environ.get(ENV_SECRET_FILE)):
+        return (f"--role {args.role}: set {ENV_SECRET} or {ENV_SECRET_FILE}, the same on every "
+                f"prefill and decode server (their side channel proves it; `pdbridge up` makes "
+                f"one; a new one: python -c \"from pdbridge.transport.side_channel_key import "
+                f"generate_secret as g; print(g())\")")
     if args.device != "cpu" and args.role != "both":
         return f"--device {args.device}: only --role both runs on another device today"
     return ""

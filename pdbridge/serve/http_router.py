@@ -51,7 +51,7 @@ class PDBackend:
         self.client: httpx.AsyncClient | None = None
         self.prefills: list[Upstream] = []
         self.decodes: list[Upstream] = []
-        self.model, self.max_model_len, self.tokenizer = "", 0, None
+        self.model, self.max_model_len, self.vocab_size, self.tokenizer = "", 0, 0, None
 
     async def start(self, wait_s: float = 600.0) -> None:
         """Fetch every server's NodeInfo (waiting up to wait_s for servers still starting);
@@ -77,6 +77,7 @@ class PDBackend:
         first = self.prefills[0].info
         self.model = first.model
         self.max_model_len = min(up.info.max_model_len for up in self.prefills + self.decodes)
+        self.vocab_size = first.vocab_size
         self.tokenizer = Tokenizer(TokenizerFiles(first.tokenizer_json, first.chat_template)) \
             if first.tokenizer_json else None
 

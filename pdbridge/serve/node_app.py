@@ -42,6 +42,7 @@ class LocalBackend:
         info = service.info()
         self.service = service
         self.model, self.max_model_len = info.model, info.max_model_len
+        self.vocab_size = info.vocab_size
         self.tokenizer = Tokenizer(TokenizerFiles(info.tokenizer_json, info.chat_template)) \
             if info.tokenizer_json else None
 

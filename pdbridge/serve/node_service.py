@@ -118,7 +118,8 @@ class NodeService:
         broken = self.loop.broken
         return wire.NodeInfo(
             role=c.role, engine_id=self.engine_id, model=self.model_name, tp_size=c.tp_size,
-            max_model_len=self.max_model_len, eos_token_ids=tuple(e.eos_token_ids),
+            max_model_len=self.max_model_len, vocab_size=e.spec.vocab_size,
+            eos_token_ids=tuple(e.eos_token_ids),
             tokenizer_json=self._tokenizer_json, chat_template=self._chat_template, load=load,
             layout_digest=e.layout.digest if c.role is Role.PREFILL else "",
             transfer_mode="pull", checksums=c.checksums, healthy=broken is None,

@@ -59,6 +59,7 @@ def stream_error(text: str) -> ApiError:
 class Backend(Protocol):
     model: str
     max_model_len: int
+    vocab_size: int
     tokenizer: Tokenizer | None
 
     def stream(self, prompt_ids: tuple[int, ...], sampling: wire.Sampling
@@ -217,7 +218,12 @@ def check_model(body: dict, backend: Backend) -> None:
                        "model", code="model_not_found")
 
 
-def check_length(prompt_ids, sampling: wire.Sampling, backend: Backend) -> None:
+def check_prompt(prompt_ids, sampling: wire.Sampling, backend: Backend) -> None:
+    """Token ids in the vocabulary, prompt + max_tokens within the context."""
+    bad_ids = [t for t in prompt_ids if not 0 <= t < backend.vocab_size]
+    if bad_ids:
+        raise bad("prompt", f"token ids {bad_ids[:5]} are outside the vocabulary "
+                  f"[0, {backend.vocab_size})")
     n, limit = len(prompt_ids), backend.max_model_len
     if n >= limit:
         raise bad("prompt", f"{n} tokens; the model's context is {limit} tokens")
@@ -334,7 +340,7 @@ def mount(app: FastAPI, backend: Backend, metrics: ServeMetrics) -> None:
         prompts = parse_prompts(body, backend.tokenizer)
         sampling, stop = parse_sampling(body, 16)
         for p in prompts:
-            check_length(p, sampling, backend)
+            check_prompt(p, sampling, backend)
         jobs = [Job(p, sampling, stop) for p in prompts]
         rid, created = _ids("cmpl"), int(time.time())
         if _bool(body, "stream", False):
@@ -356,7 +362,7 @@ def mount(app: FastAPI, backend: Backend, metrics: ServeMetrics) -> None:
         check_model(body, backend)
         ids = parse_messages(body, backend.tokenizer)
         sampling, stop = parse_sampling(body, max(1, backend.max_model_len - len(ids)))
-        check_length(ids, sampling, backend)
+        check_prompt(ids, sampling, backend)
         job = Job(ids, sampling, stop)
         rid, created = _ids("chatcmpl"), int(time.time())
         if _bool(body, "stream", False):

@@ -62,6 +62,7 @@ class NodeInfo(_Wire):
     model: str                  # the name clients use (the model directory's name)
     tp_size: int
     max_model_len: int          # prompt + generated tokens one request may have
+    vocab_size: int
     eos_token_ids: tuple[int, ...]
     tokenizer_json: str | None
     chat_template: str | None
