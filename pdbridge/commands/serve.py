@@ -40,6 +40,11 @@ def add_arguments(parser) -> None:
                         help="decode: deadline of one pull (default 30)")
     parser.add_argument("--checksums", action="store_true",
                         help="prefill and decode: digest and compare every transferred byte")
+    parser.add_argument("--side-channel-host", metavar="ADDR",
+                        help="prefill: the address its ranks' metadata servers bind, which "
+                             "decode servers on other hosts must reach (default: --host). "
+                             "NIXL's own traffic uses the interfaces in UCX_NET_DEVICES "
+                             "(default lo): name the interface of that address there")
     parser.add_argument("--log-level", default="warning",
                         choices=("critical", "error", "warning", "info", "debug"),
                         help="uvicorn's log level (default warning)")
@@ -88,7 +93,8 @@ def run(args) -> int:
                         cache=cache, model_name=args.model_name, device=args.device,
                         strategy=args.strategy, on_failure=OnFailure(args.on_failure),
                         lease_s=args.lease_s, pull_timeout_s=args.pull_timeout_s,
-                        checksums=args.checksums)
+                        checksums=args.checksums,
+                        side_channel_host=args.side_channel_host or args.host)
     print(f"{prog}: starting the {args.role} engine (TP={args.tp}) ...", file=sys.stderr,
           flush=True)
     service = NodeService(config)

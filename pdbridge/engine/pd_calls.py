@@ -28,6 +28,9 @@ class PDSetup(WorkerCall):
     # The side channel's shared secret (transport/side_channel_key.py), from the node: each
     # worker process would otherwise make its own. Crosses only the engine's own TP group.
     secret: bytes = b""
+    # Prefill: the address its metadata server binds (and decode ranks of other hosts
+    # reach); the loopback unless the node is told otherwise.
+    side_channel_host: str = "127.0.0.1"
 
 
 class PDRankInfo(msgspec.Struct):

@@ -58,6 +58,7 @@ class PDRank:
         self.rank, self.layout, self.caches = worker.rank, worker.layout, worker.caches
         self.role, self.engine_id, self.timeout_s = call.role, call.engine_id, call.timeout_s
         self.key = SideChannelKey(call.secret) if call.secret else load_key()
+        self.side_channel_host = call.side_channel_host
         self.transport = make_transport(call.transport, peer_name(call.engine_id, self.rank))
         self.scratch = np.zeros(call.scratch_nbytes, np.uint8) if call.scratch_nbytes else None
         self.transport.register_regions(self.caches.region_buffers, self.scratch,
@@ -95,7 +96,8 @@ class PDRank:
         scratch = None if self.scratch is None else RegionAddr(self.scratch.ctypes.data, len(self.scratch))
         meta = RankMetadata(self.engine_id, self.rank, self.layout, self.transport.metadata(),
                             regions, scratch)
-        self.server = MetadataServer(meta, on_notification=lambda m: self._keep(encode(m)),
+        self.server = MetadataServer(meta, bind=f"tcp://{self.side_channel_host}:*",
+                                     on_notification=lambda m: self._keep(encode(m)),
                                      key=self.key)
         self._start_poller(self._keep)
 

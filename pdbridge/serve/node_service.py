@@ -56,6 +56,7 @@ class NodeConfig:
     timeout_s: float = 60.0                 # engine collectives
     pull_timeout_s: float = 30.0            # one pull (handshake and reads)
     checksums: bool = False
+    side_channel_host: str = "127.0.0.1"    # prefill: where decode ranks reach its ranks
 
 
 class NodeService:
@@ -73,7 +74,8 @@ class NodeService:
         if role is Role.PREFILL:
             self.node = PrefillNode(self.model_dir, config.tp_size, config.cache,
                                     transport=config.transport, lease_s=config.lease_s,
-                                    timeout_s=config.timeout_s, checksums=config.checksums)
+                                    timeout_s=config.timeout_s, checksums=config.checksums,
+                                    side_channel_host=config.side_channel_host)
             engine = self.node.engine
         elif role is Role.DECODE:
             self.node = DecodeNode(self.model_dir, config.tp_size, config.cache,

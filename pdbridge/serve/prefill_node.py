@@ -39,7 +39,8 @@ class PrefillNode:
                  transport: str = "nixl", engine_id: str | None = None, lease_s: float = 30.0,
                  scratch_nbytes: int | None = None, timeout_s: float = 60.0,
                  clock: Callable[[], float] = time.monotonic, max_lease_s: float | None = None,
-                 key: SideChannelKey | None = None, checksums: bool = False):
+                 key: SideChannelKey | None = None, checksums: bool = False,
+                 side_channel_host: str = "127.0.0.1"):
         self.clock = clock                  # lease times: tests drive a fake clock
         self.key = key or load_key()        # the side channel's secret (side_channel_key.py)
         self.checksums = checksums          # digest what decode ranks read (digest_reads)
@@ -53,7 +54,8 @@ class PrefillNode:
             lease_s, max_lease_s if max_lease_s is not None else MAX_LEASE_FACTOR * lease_s)
         nbytes = scratch_nbytes if scratch_nbytes is not None else default_scratch_nbytes(self.layout)
         infos = self.engine.call(PDSetup("prefill", self.engine_id, transport, nbytes, timeout_s,
-                                         secret=self.key.secret))
+                                         secret=self.key.secret,
+                                         side_channel_host=side_channel_host))
         self.endpoints = [i.endpoint for i in sorted(infos, key=lambda i: i.rank)]
         self.released: list[Release[RequestHandle]] = []
         self.pushed = 0                     # requests pushed (and freed at once)

@@ -38,9 +38,10 @@ def free_ports(n: int) -> int:
 class Proc:
     """One pdbridge process; its stderr is kept (tests print it on failure)."""
 
-    def __init__(self, argv: list[str], env: dict | None = None):
+    def __init__(self, argv: list[str], env: dict | None = None, prefix: list[str] = ()):
+        """prefix: e.g. ["ip", "netns", "exec", NS] to run it in a network namespace."""
         self.argv = argv
-        self.p = subprocess.Popen([sys.executable, "-m", "pdbridge.cli", *argv],
+        self.p = subprocess.Popen([*prefix, sys.executable, "-m", "pdbridge.cli", *argv],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                   env=env or dict(os.environ), start_new_session=True)
         self.lines: list[str] = []
@@ -92,10 +93,10 @@ def env_with_secret(env: dict | None = None) -> dict:
     return dict(env or os.environ, PDBRIDGE_SECRET=SECRET)
 
 
-def serve(role: str, port: int, tp: int = 1, *extra: str, env=None) -> Proc:
+def serve(role: str, port: int, tp: int = 1, *extra: str, env=None, prefix=()) -> Proc:
     env = env_with_secret(env)
     return Proc(["serve", "--role", role, "--tp", str(tp), "--port", str(port),
-                 "--num-blocks", "128", *extra], env)
+                 "--num-blocks", "128", *extra], env, prefix)
 
 
 def get_json(url: str, timeout_s: float = 10.0):
