@@ -11,7 +11,7 @@ import sys
 STRATEGIES = ("direct", "staging", "permute")
 CONV_LAYOUTS = ("DS", "SD")
 MODES = ("pull", "push")
-BENCHES = ("transfer", "engine")
+BENCHES = ("transfer", "engine", "serve")
 ENGINE_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
@@ -36,6 +36,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print rows as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="write limit ratio vs tokens")
     _add_engine_arguments(sub)
+    _add_serve_arguments(sub)
+
+
+def _add_serve_arguments(sub) -> None:
+    p = sub.add_parser("serve", help="concurrent HTTP clients: pdbridge up against one "
+                       "serve --role both; TTFT, throughput, transfer stage / bare read")
+    p.add_argument("--model", default=None, help="HF model directory (default: the embedded "
+                   "tiny model)")
+    p.add_argument("--prefill-tp", type=int, default=1)
+    p.add_argument("--decode-tp", type=int, default=2, help="also the both server's TP")
+    p.add_argument("--clients", type=int, default=16, help="requests in flight (default 16)")
+    p.add_argument("--requests", type=int, default=64, help="requests per deployment")
+    p.add_argument("--prompt-tokens", default="8,512", metavar="MIN,MAX",
+                   help="prompt lengths, log-uniform in [MIN, MAX] (default 8,512)")
+    p.add_argument("--max-tokens", type=int, default=16, help="output tokens per request")
+    p.add_argument("--num-blocks", type=int, default=512, help="cache blocks per server")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--plot", metavar="FILE.png", help="write the TTFT distributions")
 
 
 def _add_engine_arguments(sub) -> None:
@@ -69,6 +87,8 @@ def run(args) -> int:
     bench = getattr(args, "bench", None)
     if bench == "engine":
         return run_engine(args)
+    if bench == "serve":
+        return run_serve(args)
     if bench != "transfer":
         return _fail(f"choose a benchmark; allowed: {', '.join(BENCHES)}", bench or "")
     from pdbridge.spec import PRESETS
@@ -179,3 +199,28 @@ def _plot(rows, path: str) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
+
+
+def run_serve(args) -> int:
+    for name in ("prefill_tp", "decode_tp", "clients", "requests", "max_tokens", "num_blocks"):
+        if getattr(args, name) < 1:
+            return _fail(f"--{name.replace('_', '-')}={getattr(args, name)}; allowed: >= 1",
+                         "serve")
+    lengths = _tokens(args.prompt_tokens)
+    if lengths is None or len(lengths) != 2 or lengths[0] > lengths[1]:
+        return _fail(f"--prompt-tokens={args.prompt_tokens!r}; allowed: MIN,MAX with "
+                     "1 <= MIN <= MAX", "serve")
+    if args.model is not None and not os.path.isfile(os.path.join(args.model, "config.json")):
+        return _fail(f"--model={args.model!r}: no config.json there", "serve")
+    if args.plot and not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):
+        return _fail(f"--plot={args.plot!r}: folder does not exist", "serve")
+    from .bench_serve import ServeBenchConfig, format_table, plot, run_bench
+    cfg = ServeBenchConfig(args.clients, args.requests, lengths[0], lengths[1], args.max_tokens,
+                           args.prefill_tp, args.decode_tp, args.model,
+                           num_blocks=args.num_blocks)
+    res = run_bench(cfg, progress=lambda m: print(f"[bench serve] {m}", file=sys.stderr,
+                                                  flush=True))
+    print(json.dumps(res, indent=1) if args.json else format_table(res))
+    if args.plot:
+        plot(res, args.plot)
+    return 0

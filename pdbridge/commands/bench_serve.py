@@ -1,0 +1,263 @@
+"""`pdbridge bench serve`: N concurrent streaming clients with mixed prompt lengths against
+`pdbridge up` (P/D disaggregated) and against one `pdbridge serve --role both` on the same
+machine, in one run: time to first token p50 / p99, output tokens/s, and the transfer stage
+(decode server: request received -> its state in place) divided by one bare NIXL read of the
+same bytes plus its notification, measured in the same run on the same transport.
+
+Each deployment runs alone (started, measured, stopped), so the two do not share cores.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ServeBenchConfig:
+    clients: int = 16               # concurrent requests
+    requests: int = 64
+    min_prompt: int = 8
+    max_prompt: int = 512
+    max_tokens: int = 16
+    prefill_tp: int = 1
+    decode_tp: int = 2
+    model: str | None = None
+    seed: int = 0
+    num_blocks: int = 512
+
+
+def _prompts(cfg: ServeBenchConfig) -> list[list[int]]:
+    """Mixed lengths, log-uniform between min_prompt and max_prompt; printable byte ids."""
+    rng = random.Random(cfg.seed)
+    lo, hi = np.log(cfg.min_prompt), np.log(cfg.max_prompt)
+    return [[rng.randrange(32, 127) for _ in range(int(round(np.exp(rng.uniform(lo, hi)))))]
+            for _ in range(cfg.requests)]
+
+
+async def _client_run(url: str, prompts, cfg: ServeBenchConfig) -> dict:
+    import httpx
+    sem = asyncio.Semaphore(cfg.clients)
+    results = []
+
+    async def one(client, ids):
+        async with sem:
+            t0 = time.perf_counter()
+            ttft, n = None, 0
+            body = {"prompt": ids, "max_tokens": cfg.max_tokens, "temperature": 0,
+                    "ignore_eos": True, "stream": True}
+            async with client.stream("POST", url + "/v1/completions", json=body) as r:
+                r.raise_for_status()
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    ev = json.loads(line[6:])
+                    if "error" in ev:
+                        raise RuntimeError(ev["error"]["message"])
+                    got = len(ev["choices"][0].get("token_ids", []))
+                    if got and ttft is None:
+                        ttft = time.perf_counter() - t0
+                    n += got
+            results.append((ttft, n, time.perf_counter() - t0))
+
+    limits = httpx.Limits(max_connections=cfg.clients + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(client, p) for p in prompts))
+        wall = time.perf_counter() - t0
+    ttfts = sorted(r[0] for r in results)
+    tokens = sum(r[1] for r in results)
+    return {"requests": len(results), "wall_s": wall, "output_tokens": tokens,
+            "tokens_per_s": tokens / wall, "ttft_p50_s": _pct(ttfts, 50),
+            "ttft_p99_s": _pct(ttfts, 99), "ttfts_s": ttfts}
+
+
+def _pct(xs, q):
+    return float(np.percentile(xs, q)) if xs else float("nan")
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def bare_read_s(nbytes: int, reps: int = 50) -> float:
+    """Median time of one single-descriptor NIXL read of nbytes plus its notification
+    arriving at the other agent (the least any transfer stage can take on this transport)."""
+    from pdbridge.transport.nixl import NixlTransport
+    from pdbridge.transport.transport import ReadList, XferState
+    nbytes = max(1, int(nbytes))
+    src, dst = np.ones(nbytes, np.uint8), np.zeros(nbytes, np.uint8)
+    a, b = NixlTransport("bench-bare-src"), NixlTransport("bench-bare-dst")
+    try:
+        a.register_regions([src])
+        b.register_regions([dst])
+        b.add_peer("bench-bare-src", a.metadata())
+        a.add_peer("bench-bare-dst", b.metadata())
+        one = lambda v, dt: np.asarray([v], dt)     # noqa: E731
+        rl = ReadList(one(0, np.int32), one(0, np.int64), one(0, np.int32), one(0, np.int64),
+                      one(nbytes, np.int64))
+        times = []
+        for i in range(reps + 3):
+            t0 = time.perf_counter()
+            h = b.read("bench-bare-src", rl)
+            deadline = time.monotonic() + 30.0
+            while b.poll(h).state is XferState.PENDING:      # both agents progress (no threads)
+                a.get_notifications()
+                if time.monotonic() > deadline:
+                    raise TimeoutError("bare NIXL read: no completion in 30 s")
+            b.release(h)
+            b.notify("bench-bare-src", b"done")
+            while not a.get_notifications():
+                b.get_notifications()
+            if i >= 3:
+                times.append(time.perf_counter() - t0)
+        assert bytes(dst[:16]) == bytes(src[:16])
+        return statistics.median(times)
+    finally:
+        a.close()
+        b.close()
+
+
+def _start(argv: list[str], env: dict, ready: str):
+    import subprocess
+    p = subprocess.Popen([sys.executable, "-m", "pdbridge.cli", *argv], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    lines = []
+    deadline = time.monotonic() + 600
+    for line in p.stderr:
+        lines.append(line)
+        if ready in line:
+            break
+        if time.monotonic() > deadline:
+            break
+    else:
+        raise RuntimeError(f"pdbridge {argv[0]} exited:\n{''.join(lines)}")
+    import threading
+    threading.Thread(target=lambda: [None for _ in p.stderr], daemon=True).start()
+    return p
+
+
+def _stop(p) -> None:
+    import signal
+    import subprocess
+    try:
+        os.killpg(p.pid, signal.SIGINT)
+        p.wait(20)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+    except ProcessLookupError:
+        pass
+
+
+def _port() -> int:
+    import socket
+    for _ in range(100):
+        base = random.randrange(20000, 60000)
+        try:
+            for p in range(base, base + 4):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError("no free ports")
+
+
+def run_bench(cfg: ServeBenchConfig, progress=lambda m: None) -> dict:
+    import httpx
+    from pdbridge.transport.side_channel_key import generate_secret
+    prompts = _prompts(cfg)
+    env = dict(os.environ, PDBRIDGE_SECRET=generate_secret())
+    model = ["--model", cfg.model] if cfg.model else []
+    out = {"config": cfg.__dict__, "prompt_tokens": [len(p) for p in prompts]}
+
+    port = _port()
+    progress(f"starting pdbridge up (prefill TP={cfg.prefill_tp}, decode TP={cfg.decode_tp})")
+    up = _start(["up", "--port", str(port), "--prefill-tp", str(cfg.prefill_tp),
+                 "--decode-tp", str(cfg.decode_tp), "--num-blocks", str(cfg.num_blocks),
+                 *model], env, "router over")
+    try:
+        url = f"http://127.0.0.1:{port}"
+        asyncio.run(_client_run(url, prompts[:cfg.clients], cfg))      # warm-up
+        before = httpx.get(url + "/metrics").text
+        progress(f"P/D: {cfg.requests} requests, {cfg.clients} at a time")
+        pd = asyncio.run(_client_run(url, prompts, cfg))
+        after = httpx.get(url + "/metrics").text
+    finally:
+        _stop(up)
+    d = {k: _metric(after, k) - _metric(before, k) for k in (
+        "pdbridge_transfer_seconds_sum", "pdbridge_transfer_seconds_count",
+        "pdbridge_transfer_bytes_total", "pdbridge_recomputed_total")}
+    n = max(1, d["pdbridge_transfer_seconds_count"])
+    pd["transfer_s_mean"] = d["pdbridge_transfer_seconds_sum"] / n
+    pd["transfer_bytes_mean"] = d["pdbridge_transfer_bytes_total"] / n
+    pd["recomputed"] = int(d["pdbridge_recomputed_total"])
+    progress("bare NIXL read + notification of the mean request's bytes")
+    bare = bare_read_s(pd["transfer_bytes_mean"])
+    pd["bare_read_s"] = bare
+    pd["transfer_over_bare"] = pd["transfer_s_mean"] / bare
+
+    port = _port()
+    progress(f"starting pdbridge serve --role both (TP={cfg.decode_tp})")
+    both = _start(["serve", "--role", "both", "--port", str(port), "--tp", str(cfg.decode_tp),
+                   "--num-blocks", str(cfg.num_blocks), *model], env, "ready at")
+    try:
+        url = f"http://127.0.0.1:{port}"
+        asyncio.run(_client_run(url, prompts[:cfg.clients], cfg))
+        progress(f"both: {cfg.requests} requests, {cfg.clients} at a time")
+        mono = asyncio.run(_client_run(url, prompts, cfg))
+    finally:
+        _stop(both)
+    out["pd"], out["both"] = pd, mono
+    return out
+
+
+def format_table(res: dict) -> str:
+    cfg, pd, mono = res["config"], res["pd"], res["both"]
+    lines = [f"{cfg['requests']} requests, {cfg['clients']} concurrent, prompts "
+             f"{min(res['prompt_tokens'])}-{max(res['prompt_tokens'])} tokens, "
+             f"{cfg['max_tokens']} output tokens each",
+             f"| deployment | TTFT p50 ms | TTFT p99 ms | output tok/s | wall s |",
+             f"|---|---|---|---|---|"]
+    for name, r in ((f"P/D up (P={cfg['prefill_tp']}, D={cfg['decode_tp']})", pd),
+                    (f"both (TP={cfg['decode_tp']})", mono)):
+        lines.append(f"| {name} | {r['ttft_p50_s'] * 1e3:.1f} | {r['ttft_p99_s'] * 1e3:.1f} | "
+                     f"{r['tokens_per_s']:.1f} | {r['wall_s']:.2f} |")
+    lines.append(f"P/D / both: TTFT p50 {pd['ttft_p50_s'] / mono['ttft_p50_s']:.2f}x, "
+                 f"throughput {pd['tokens_per_s'] / mono['tokens_per_s']:.2f}x")
+    lines.append(f"transfer stage: mean {pd['transfer_s_mean'] * 1e3:.2f} ms for "
+                 f"{pd['transfer_bytes_mean'] / 2**20:.3f} MiB; one bare NIXL read + "
+                 f"notification of those bytes {pd['bare_read_s'] * 1e3:.3f} ms; ratio "
+                 f"{pd['transfer_over_bare']:.1f} (recomputed: {pd['recomputed']})")
+    return "\n".join(lines)
+
+
+def plot(res: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, r in (("P/D (pdbridge up)", res["pd"]), ("both (one engine)", res["both"])):
+        xs = np.asarray(r["ttfts_s"]) * 1e3
+        ax.plot(xs, np.arange(1, len(xs) + 1) / len(xs), label=name)
+    ax.set_xlabel("time to first token, ms")
+    ax.set_ylabel("fraction of requests")
+    ax.set_xscale("log")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    ax.set_title("TTFT distribution")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,45 @@
+"""`pdbridge bench serve`: flags refused in one line; the bare-read reference; one small run
+of both deployments (slow: it starts three servers)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pdbridge.cli import main
+from pdbridge.commands.bench_serve import ServeBenchConfig, _prompts, bare_read_s
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--clients", "0"], "--clients"),
+    (["--prompt-tokens", "9,3"], "--prompt-tokens"),
+    (["--prompt-tokens", "x"], "--prompt-tokens"),
+    (["--plot", "/no/such/dir/x.png"], "--plot"),
+])
+def test_bad_flags_are_one_line(capsys, argv, needle):
+    assert main(["bench", "serve", *argv]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_prompts_are_mixed_and_repeatable():
+    cfg = ServeBenchConfig(requests=200, min_prompt=8, max_prompt=512)
+    a, b = _prompts(cfg), _prompts(cfg)
+    assert a == b
+    lengths = [len(p) for p in a]
+    assert min(lengths) >= 8 and max(lengths) <= 512 and len(set(lengths)) > 50
+
+
+def test_bare_read_moves_the_bytes_and_takes_time():
+    assert bare_read_s(1 << 16, reps=5) > 0
+
+
+@pytest.mark.slow
+def test_bench_serve_runs_both_deployments(capsys, tmp_path):
+    plot = tmp_path / "ttft.png"
+    assert main(["bench", "serve", "--requests", "8", "--clients", "4", "--prompt-tokens",
+                 "8,64", "--max-tokens", "4", "--json", "--plot", str(plot)]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["pd"]["requests"] == res["both"]["requests"] == 8
+    assert res["pd"]["recomputed"] == 0 and res["pd"]["transfer_over_bare"] > 0
+    assert plot.stat().st_size > 0
