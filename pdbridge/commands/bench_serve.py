@@ -2,7 +2,8 @@
 `pdbridge up` (P/D disaggregated) and against one `pdbridge serve --role both` on the same
 machine, in one run: time to first token p50 / p99, output tokens/s, and the transfer stage
 (decode server: request received -> its state in place) divided by one bare NIXL read of the
-same bytes plus its notification, measured in the same run on the same transport.
+same bytes plus its notification, measured in the same run on the same transport; and the
+peak resident memory of each deployment's processes (servers and TP workers together).
 
 Each deployment runs alone (started, measured, stopped), so the two do not share cores.
 """
@@ -161,6 +162,31 @@ def _stop(p) -> None:
         pass
 
 
+def tree_peak_rss_mib(pid: int) -> float:
+    """Sum of the peak resident memory (VmHWM) of `pid` and all its descendants, in MiB: the
+    deployment's servers and their TP worker processes (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    total_kib, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        todo.extend(children.get(p, []))
+        try:
+            with open(f"/proc/{p}/status") as f:
+                total_kib += next((int(line.split()[1]) for line in f
+                                   if line.startswith("VmHWM:")), 0)
+        except OSError:
+            pass
+    return total_kib / 1024
+
+
 def _port() -> int:
     import socket
     for _ in range(100):
@@ -195,6 +221,7 @@ def run_bench(cfg: ServeBenchConfig, progress=lambda m: None) -> dict:
         progress(f"P/D: {cfg.requests} requests, {cfg.clients} at a time")
         pd = asyncio.run(_client_run(url, prompts, cfg))
         after = httpx.get(url + "/metrics").text
+        pd_peak = tree_peak_rss_mib(up.pid)
     finally:
         _stop(up)
     d = {k: _metric(after, k) - _metric(before, k) for k in (
@@ -204,6 +231,7 @@ def run_bench(cfg: ServeBenchConfig, progress=lambda m: None) -> dict:
     pd["transfer_s_mean"] = d["pdbridge_transfer_seconds_sum"] / n
     pd["transfer_bytes_mean"] = d["pdbridge_transfer_bytes_total"] / n
     pd["recomputed"] = int(d["pdbridge_recomputed_total"])
+    pd["peak_rss_mib"] = pd_peak
     progress("bare NIXL read + notification of the mean request's bytes")
     bare = bare_read_s(pd["transfer_bytes_mean"])
     pd["bare_read_s"] = bare
@@ -218,6 +246,7 @@ def run_bench(cfg: ServeBenchConfig, progress=lambda m: None) -> dict:
         asyncio.run(_client_run(url, prompts[:cfg.clients], cfg))
         progress(f"both: {cfg.requests} requests, {cfg.clients} at a time")
         mono = asyncio.run(_client_run(url, prompts, cfg))
+        mono["peak_rss_mib"] = tree_peak_rss_mib(both.pid)
     finally:
         _stop(both)
     out["pd"], out["both"] = pd, mono
@@ -229,12 +258,12 @@ def format_table(res: dict) -> str:
     lines = [f"{cfg['requests']} requests, {cfg['clients']} concurrent, prompts "
              f"{min(res['prompt_tokens'])}-{max(res['prompt_tokens'])} tokens, "
              f"{cfg['max_tokens']} output tokens each",
-             f"| deployment | TTFT p50 ms | TTFT p99 ms | output tok/s | wall s |",
-             f"|---|---|---|---|---|"]
+             "| deployment | TTFT p50 ms | TTFT p99 ms | output tok/s | wall s | peak RSS MiB |",
+             "|---|---|---|---|---|---|"]
     for name, r in ((f"P/D up (P={cfg['prefill_tp']}, D={cfg['decode_tp']})", pd),
                     (f"both (TP={cfg['decode_tp']})", mono)):
         lines.append(f"| {name} | {r['ttft_p50_s'] * 1e3:.1f} | {r['ttft_p99_s'] * 1e3:.1f} | "
-                     f"{r['tokens_per_s']:.1f} | {r['wall_s']:.2f} |")
+                     f"{r['tokens_per_s']:.1f} | {r['wall_s']:.2f} | {r['peak_rss_mib']:.0f} |")
     lines.append(f"P/D / both: TTFT p50 {pd['ttft_p50_s'] / mono['ttft_p50_s']:.2f}x, "
                  f"throughput {pd['tokens_per_s'] / mono['tokens_per_s']:.2f}x")
     lines.append(f"transfer stage: mean {pd['transfer_s_mean'] * 1e3:.2f} ms for "

@@ -28,6 +28,9 @@ from .transfer_params import TransferParams
 from .wire import Role
 
 
+MAX_CONNECTIONS = 4096      # per upstream pool; httpx's default of 100 deadlocked at 200 requests
+
+
 class RouterConfigError(ValueError):
     """The servers named do not make one deployment (roles, models)."""
 
@@ -56,7 +59,11 @@ class PDBackend:
     async def start(self, wait_s: float = 600.0) -> None:
         """Fetch every server's NodeInfo (waiting up to wait_s for servers still starting);
         refuse servers of the wrong role or of another model."""
-        self.client = httpx.AsyncClient(timeout=self._timeout)
+        # Two pools: a request holds a prefill connection while it waits for blocks that
+        # only its predecessors' decode calls free, so decode calls never queue behind it.
+        limits = httpx.Limits(max_connections=MAX_CONNECTIONS, max_keepalive_connections=64)
+        self.client = httpx.AsyncClient(timeout=self._timeout, limits=limits)
+        self.decode_client = httpx.AsyncClient(timeout=self._timeout, limits=limits)
         deadline = time.monotonic() + wait_s
         pre, dec = self._urls
         infos = await asyncio.gather(*(self._wait_info(u, deadline) for u in pre + dec))
@@ -99,6 +106,7 @@ class PDBackend:
     async def close(self) -> None:
         if self.client is not None:
             await self.client.aclose()
+            await self.decode_client.aclose()
 
     async def loads(self) -> dict[str, wire.NodeLoad]:
         """Each reachable server's load, for /metrics and /health."""
@@ -154,7 +162,7 @@ class PDBackend:
 
     async def _decode(self, dec: Upstream, body: bytes) -> AsyncIterator[wire.TokenEvent]:
         try:
-            async with self.client.stream("POST", dec.url + "/pd/decode", content=body,
+            async with self.decode_client.stream("POST", dec.url + "/pd/decode", content=body,
                                           headers={"content-type": "application/json"}) as r:
                 if r.status_code != 200:
                     await r.aread()

@@ -30,6 +30,24 @@ def test_prompts_are_mixed_and_repeatable():
     assert min(lengths) >= 8 and max(lengths) <= 512 and len(set(lengths)) > 50
 
 
+def test_peak_memory_counts_the_process_tree():
+    import os
+    import subprocess
+    import sys
+    from pdbridge.commands.bench_serve import tree_peak_rss_mib
+    child = subprocess.Popen([sys.executable, "-c", "b = bytearray(b'x' * (200 << 20)); "
+                              "print('ready', flush=True); import time; time.sleep(60)"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        alone = tree_peak_rss_mib(os.getpid()) - tree_peak_rss_mib(child.pid)
+        assert tree_peak_rss_mib(child.pid) > 200
+        assert tree_peak_rss_mib(os.getpid()) >= alone + 200
+    finally:
+        child.kill()
+        child.wait()
+
+
 def test_bare_read_moves_the_bytes_and_takes_time():
     assert bare_read_s(1 << 16, reps=5) > 0
 
@@ -43,3 +61,4 @@ def test_bench_serve_runs_both_deployments(capsys, tmp_path):
     assert res["pd"]["requests"] == res["both"]["requests"] == 8
     assert res["pd"]["recomputed"] == 0 and res["pd"]["transfer_over_bare"] > 0
     assert plot.stat().st_size > 0
+    assert res["pd"]["peak_rss_mib"] > res["both"]["peak_rss_mib"] > 0    # 3 servers vs 1
