@@ -21,6 +21,9 @@ from pdbridge.engine.request import SamplingParams
 from pdbridge.plan import PUSH_STRATEGIES, Strategy, parse_strategy
 from pdbridge.plan.strategies import STAGE_ALIGN
 from pdbridge.spec import CacheConfig, EngineLayout
+from pdbridge.transport.compat import GeometryMismatch, check_compatible
+from pdbridge.transport.handshake import HandshakeError, PeerTimeout, request
+from pdbridge.transport.messages import ErrorReply, MetadataReply, MetadataRequest
 from pdbridge.transport.side_channel_key import SideChannelKey, load_key
 
 from .transfer_params import TransferParams
@@ -92,6 +95,7 @@ class DecodeNode:
         self.engine = Engine(model_dir, tp_size, cache_config, timeout_s=timeout_s)
         self.layout: EngineLayout = self.engine.layout
         self.layout_dict = self.layout.to_dict()
+        self._prefill_layouts: dict[str, dict] = {}     # digest -> layout, from handshakes
         nbytes = staging_nbytes if staging_nbytes is not None else default_staging_nbytes(self.layout)
         infos = self.engine.call(PDSetup("decode", self.engine_id, transport, nbytes,
                                          pull_timeout_s, self.transfer_mode.value,
@@ -101,6 +105,39 @@ class DecodeNode:
     @property
     def tp_size(self) -> int:
         return self.layout.tp_size
+
+    def prefill_layout(self, params: TransferParams) -> dict:
+        """The prefill engine's EngineLayout (as a dict, for the ranks' calls), taken from
+        its rank 0's handshake once per digest and checked against `params.layout_digest`:
+        the layout never rides in TransferParams. HandshakeError if it cannot be had."""
+        d = self._prefill_layouts.get(params.layout_digest)
+        if d is None:
+            try:
+                reply = request(params.endpoints[0], MetadataRequest(
+                    self.engine_id, 0, self.layout.digest, params.engine_id, 0),
+                    self.pull_timeout_s, key=self.key)
+            except PeerTimeout:
+                raise PeerTimeout(f"prefill engine {params.engine_id} rank 0 at "
+                                  f"{params.endpoints[0]}: no metadata within "
+                                  f"{self.pull_timeout_s:g} s (gone, or another "
+                                  f"side-channel secret)") from None
+            if isinstance(reply, ErrorReply):
+                raise HandshakeError(f"prefill engine {params.engine_id} refused: "
+                                     f"{reply.field}: {reply.detail}")
+            if not isinstance(reply, MetadataReply):
+                raise HandshakeError(f"prefill engine {params.engine_id}: unexpected reply "
+                                     f"{type(reply).__name__}")
+            layout = EngineLayout.from_dict(reply.layout)
+            try:                        # refuse naming the field, before any rank pulls
+                check_compatible(layout, self.layout, Strategy.AUTO)
+            except GeometryMismatch as e:
+                raise HandshakeError(f"prefill engine {params.engine_id}: {e}") from None
+            if layout.digest != params.layout_digest:
+                raise HandshakeError(f"prefill engine {params.engine_id}: its layout digest "
+                                     f"{layout.digest} is not the {params.layout_digest} the "
+                                     f"request names (restarted with another geometry?)")
+            d = self._prefill_layouts[params.layout_digest] = layout.to_dict()
+        return d
 
     def allocate(self, prompt_ids, sampling: SamplingParams) -> RequestHandle:
         """Blocks for the first N-1 prompt tokens, for the pull to fill."""
@@ -114,9 +151,13 @@ class DecodeNode:
         not plan is left out: its pull fails with the reason, then recomputes or fails."""
         if self.strategy is not Strategy.AUTO:
             return {j: self.strategy for j in range(self.tp_size)}
+        try:
+            prefill_layout = self.prefill_layout(params)
+        except HandshakeError:
+            return {}                   # no rank can plan; the pull fails with the reason
         b = handle.blocks
         choices = self.engine.call(ChooseStrategy(
-            params.layout, params.prefill_blocks, (b.num_tokens, b.attn_blocks, b.state_block),
+            prefill_layout, params.prefill_blocks, (b.num_tokens, b.attn_blocks, b.state_block),
             self.strategy))
         return {c.rank: c.strategy for c in choices if not c.error}
 
@@ -136,8 +177,12 @@ class DecodeNode:
                              f"computed {params.num_tokens}")
         if strategies is None:
             strategies = self.choose_strategies(handle, params)
+        try:
+            prefill_layout = self.prefill_layout(params)
+        except HandshakeError as e:             # peer gone, refused, or another geometry
+            return self.fail_transfer(handle, str(e))
         results = tuple(sorted(self.engine.call(Pull(
-            params.request_id, params.engine_id, params.layout, params.endpoints,
+            params.request_id, params.engine_id, prefill_layout, params.endpoints,
             params.prefill_blocks, (b.num_tokens, b.attn_blocks, b.state_block),
             self.strategy.value, scratch_bases or {}, self.pull_timeout_s, renew_every_s,
             strategies, (checksums or {}) if self.checksums else None)),
@@ -169,8 +214,12 @@ class DecodeNode:
         if b.num_tokens != params.num_tokens:
             raise ValueError(f"decode blocks hold {b.num_tokens} tokens, the prefill engine "
                              f"computed {params.num_tokens}")
+        try:
+            prefill_layout = self.prefill_layout(params)
+        except HandshakeError as e:
+            return self.fail_transfer(handle, str(e))
         results = tuple(sorted(self.engine.call(AwaitPush(
-            target.push_id, params.engine_id, params.layout, params.prefill_blocks,
+            target.push_id, params.engine_id, prefill_layout, params.prefill_blocks,
             target.decode_blocks, self.pull_timeout_s, self.checksums)),
             key=lambda r: r.rank))
         if all(r.ok for r in results):

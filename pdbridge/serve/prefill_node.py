@@ -22,7 +22,7 @@ from pdbridge.transport.bookkeeping import LeaseTable, Release
 from pdbridge.transport.messages import LeaseRenew, ProtocolError, ReadDone, decode
 from pdbridge.transport.side_channel_key import SideChannelKey, load_key
 
-from .transfer_params import TransferParams
+from .transfer_params import BlockTable, TransferParams
 
 _ENGINE_IDS = itertools.count()
 MAX_LEASE_FACTOR = 10       # default cap of a renewed lease, in lease lengths
@@ -47,7 +47,6 @@ class PrefillNode:
         self.engine_id = engine_id or f"prefill{next(_ENGINE_IDS)}"
         self.engine = Engine(model_dir, tp_size, cache_config, timeout_s=timeout_s)
         self.layout: EngineLayout = self.engine.layout
-        self._layout_dict = self.layout.to_dict()
         # Renewals extend a lease up to max_lease_s after prefill, never further (issue 12:
         # forged renewals pinned blocks without limit).
         self.leases: LeaseTable[RequestHandle] = LeaseTable(
@@ -86,10 +85,7 @@ class PrefillNode:
             return None
         rid = request_id(self.engine_id)
         self.leases.register(rid, handle, self.clock())
-        b = handle.blocks
-        return TransferParams(self.engine_id, rid, b.num_tokens, (b.num_tokens, b.attn_blocks,
-                              b.state_block), self._layout_dict, self.endpoints,
-                              self.leases.lease_s)
+        return self._params(rid, handle)
 
     def _prefill_push(self, prompt_ids, target: PushTarget) -> TransferParams:
         check_push_strategy(target.strategy)     # here: a raising worker call ends a rank
@@ -101,10 +97,13 @@ class PrefillNode:
         # Every rank wrote, waited and sent PushDone inside the last step: free once, now.
         self.engine.release(handle)
         self.pushed += 1
+        return self._params(f"{self.engine_id}:{handle.request_id}", handle)
+
+    def _params(self, rid: str, handle: RequestHandle) -> TransferParams:
         b = handle.blocks
-        return TransferParams(self.engine_id, f"{self.engine_id}:{handle.request_id}",
-                              b.num_tokens, (b.num_tokens, b.attn_blocks, b.state_block),
-                              self._layout_dict, self.endpoints, self.leases.lease_s)
+        return TransferParams(self.engine_id, rid,
+                              BlockTable(b.num_tokens, tuple(b.attn_blocks), b.state_block),
+                              self.layout.digest, self.endpoints, self.leases.lease_s)
 
     def expect_readers(self, params: TransferParams, decode_engine_id: str, decode_tp: int) -> None:
         """Name the decode ranks that will read the request (known once the router chose)."""

@@ -154,7 +154,7 @@ def _corrupt_landed_push(dec: DecodeNode, flipped: list):
 
     def corrupt_then_await(handle, params, target):
         if not flipped:
-            plan = plan_transfer(EngineLayout.from_dict(params.layout), dec.layout, 0,
+            plan = plan_transfer(EngineLayout.from_dict(dec.prefill_layout(params)), dec.layout, 0,
                                  RequestBlocks(*params.prefill_blocks),
                                  RequestBlocks(*target.decode_blocks), "direct")
             i = int(len(plan.nbytes) - 1)

@@ -190,7 +190,7 @@ def test_lease_renewal_keeps_blocks_while_reading(model_dir):
     pre = PrefillNode(model_dir, 1, cache(), transport="local", lease_s=100.0, clock=clock)
     try:
         params = pre.prefill(PROMPTS[0])                 # deadline: start + 100
-        call = Pull(params.request_id, params.engine_id, params.layout, params.endpoints,
+        call = Pull(params.request_id, params.engine_id, pre.layout.to_dict(), params.endpoints,
                     params.prefill_blocks, params.prefill_blocks, "direct", renew_every_s=0.2)
         clock.advance(50.0)
         with LeaseRenewer(call, "decode-x", 0, [0]) as renewer:
