@@ -37,6 +37,10 @@ from .pd_push import PushInbox, PushSender
 from .scratch_allocator import ScratchAllocator
 
 POLL_INTERVAL_S = 0.001     # the passive NIXL side must progress about every ms (REFERENCE.md)
+# Notifications waiting for the node's next poll, at most (issue 12: a flood of 60 KB
+# messages grew a prefill process by 1 GB). Beyond it a message is dropped and counted; a
+# dropped ReadDone only delays its blocks' release until the lease expires.
+MAX_INBOX_NBYTES = 8 << 20
 
 
 def make_transport(kind: str, name: str):
@@ -90,6 +94,7 @@ class PDRank:
     def _start_prefill(self) -> None:
         self.scratch_alloc = ScratchAllocator(0 if self.scratch is None else len(self.scratch))
         self._inbox: list[tuple[float, bytes]] = []
+        self._inbox_nbytes, self.inbox_dropped = 0, 0
         self._lock = threading.Lock()
         regions = tuple(RegionAddr(buffer_info(b).addr, buffer_info(b).nbytes)
                         for b in self.caches.region_buffers)
@@ -109,6 +114,10 @@ class PDRank:
 
     def _keep(self, message: bytes) -> None:
         with self._lock:
+            if self._inbox_nbytes + len(message) > MAX_INBOX_NBYTES:
+                self.inbox_dropped += 1
+                return
+            self._inbox_nbytes += len(message)
             self._inbox.append((time.monotonic(), message))
 
     def _poll_loop(self, keep) -> None:
@@ -158,7 +167,7 @@ class PDRank:
 
     def poll_notifications(self, call: PollNotifications) -> Notifications:
         with self._lock:
-            out, self._inbox = self._inbox, []
+            out, self._inbox, self._inbox_nbytes = self._inbox, [], 0
         now = time.monotonic()
         return Notifications(self.rank, [m for _, m in out], [now - t for t, _ in out])
 

@@ -260,3 +260,29 @@ def test_killing_the_decode_server_mid_request_is_an_error_not_a_hang(tmp_path):
         for p in (router, dec, pre):
             if p is not None:
                 p.stop()
+
+
+def test_every_listener_of_the_deployment_is_on_loopback(stack):
+    """Router, servers, their TP workers: every listening socket (HTTP, ZeroMQ, UCX, gloo)
+    is on 127.0.0.1 (issue 12), and the HTTP ports are among them."""
+    from test_listeners import listening
+    pid = stack["proc"].p.pid
+    pids, todo = [], [pid]
+    while todo:                                 # the process tree, from /proc
+        p = todo.pop()
+        pids.append(p)
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as f:
+                        if int(f.read().rsplit(")", 1)[1].split()[1]) == p:
+                            todo.append(int(entry))
+                except (OSError, ValueError, IndexError):
+                    pass
+    found = listening(pids)
+    base = int(stack["url"].rsplit(":", 1)[1])
+    for port in (base, base + 1, base + 2):
+        assert f"127.0.0.1:{port}" in found, found
+    assert len(pids) >= 5                       # up, 2 servers, 2 decode TP workers
+    wrong = [a for a in found if not (a.startswith("127.") or a.startswith("[::1]"))]
+    assert not wrong, f"listening beyond the loopback: {wrong}"

@@ -259,3 +259,26 @@ def test_request_ids_are_unguessable_and_renewals_capped(model_dir):
         assert released_at - 1000.0 > 10.0 * 9, "the renewals did extend it up to the cap"
     finally:
         pre.close()
+
+
+def test_a_notification_flood_is_capped(model_dir):
+    """Issue 12: 10,000 x 60 KB messages grew a prefill process by 1 GB. What waits for the
+    next poll is capped (MAX_INBOX_NBYTES); the rest is dropped, and the node still works."""
+    from pdbridge.engine.pd_calls import PollNotifications
+    from pdbridge.engine.pd_rank import MAX_INBOX_NBYTES
+    from pdbridge.transport.handshake import request
+    from pdbridge.transport.messages import ReadDone
+    pre = PrefillNode(model_dir, 1, cache(), transport="nixl")
+    try:
+        params = pre.prefill(PROMPTS[0])
+        big = ReadDone("forged:" + "0" * 32, "decode-x", 0, True, "y" * 60_000)
+        n = 2 * MAX_INBOX_NBYTES // 60_000
+        for _ in range(n):
+            request(params.endpoints[0], big, timeout_s=10.0, key=pre.key)
+        (batch,) = pre.engine.call(PollNotifications())
+        kept = sum(len(m) for m in batch.messages)
+        assert 0 < kept <= MAX_INBOX_NBYTES and len(batch.messages) < n
+        pre.poll()                                   # forged ids free nothing
+        assert pre.num_held == 1
+    finally:
+        pre.close()
