@@ -14,9 +14,11 @@ import torch
 
 from pdbridge.spec import MixerKind, ModelSpec
 
+from .gdn_shard import gdn_shard
+from .qwen_weights import shard_gdn
 from .shard import AttentionShard, Mamba2Shard, attention_shard, mamba2_shard, split_units
 
-_NAME = re.compile(r"^layers\.(\d+)\.(attn|mamba|ffn)\.(.*)$")
+_NAME = re.compile(r"^layers\.(\d+)\.(attn|mamba|gdn|ffn)\.(.*)$")
 
 
 def _rows(n0: int, n1: int, unit: int) -> torch.Tensor:
@@ -53,8 +55,8 @@ def _mamba(sh: Mamba2Shard, name: str, t: torch.Tensor) -> torch.Tensor:
 def _attention(sh: AttentionShard, name: str, t: torch.Tensor) -> torch.Tensor:
     hd = sh.spec.head_dim
     q, kv = _rows(sh.q0, sh.q1, hd), _rows(sh.kv0, sh.kv1, hd)
-    if name.startswith("q_proj."):
-        return t.index_select(0, q)
+    if name.startswith("q_proj."):      # gated attention (Qwen): [q | gate] rows, 2 hd a head
+        return t.index_select(0, _rows(sh.q0, sh.q1, t.shape[0] // sh.spec.num_q_heads))
     if name.startswith(("k_proj.", "v_proj.")):
         return t.index_select(0, kv)
     if name == "o_proj.weight":
@@ -93,6 +95,9 @@ def shard_weights(spec: ModelSpec, full: dict[str, torch.Tensor], rank: int, siz
         layer, part, leaf = spec.layers[int(m.group(1))], m.group(2), m.group(3)
         if part == "mamba":
             out[name] = _mamba(mamba2_shard(layer.mixer(MixerKind.MAMBA2), size, rank), leaf, t)
+        elif part == "gdn":
+            out[name] = shard_gdn(gdn_shard(layer.mixer(MixerKind.GATED_DELTA_NET), size, rank),
+                                  leaf, t)
         elif part == "attn":
             out[name] = _attention(attention_shard(layer.mixer(MixerKind.ATTENTION), size, rank),
                                    leaf, t)
