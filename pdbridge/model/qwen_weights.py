@@ -77,6 +77,7 @@ def split_qkvz(g: GatedDeltaNetSpec, w: torch.Tensor) -> tuple[torch.Tensor, tor
     """(Hk * (2dk + 2r*dv), D) interleaved per k-head -> [q | k | v] rows (conv order) and z."""
     r = g.num_v_heads // g.num_k_heads
     dk, dv = g.head_k_dim, g.head_v_dim
+    _check_rows("in_proj_qkvz", w, g.num_k_heads * (2 * dk + 2 * r * dv))
     per = w.view(g.num_k_heads, 2 * dk + 2 * r * dv, -1)
     q, k, v, z = per.split([dk, dk, r * dv, r * dv], dim=1)
     flat = lambda x: x.reshape(-1, w.shape[-1])             # k-head major: v-head kh * r + j
@@ -86,8 +87,16 @@ def split_qkvz(g: GatedDeltaNetSpec, w: torch.Tensor) -> tuple[torch.Tensor, tor
 def split_ba(g: GatedDeltaNetSpec, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(Hk * 2r, D) interleaved per k-head -> b (Hv, D), a (Hv, D)."""
     r = g.num_v_heads // g.num_k_heads
+    _check_rows("in_proj_ba", w, 2 * g.num_v_heads)
     b, a = w.view(g.num_k_heads, 2 * r, -1).split([r, r], dim=1)
     return b.reshape(-1, w.shape[-1]), a.reshape(-1, w.shape[-1])
+
+
+def _check_rows(name: str, w: torch.Tensor, rows: int) -> None:
+    """An interleaved tensor is regrouped before the shape check sees it: check it here."""
+    if w.dim() != 2 or w.shape[0] != rows:
+        raise QwenWeightError(f"linear_attn.{name}.weight: shape {tuple(w.shape)}, but config.json "
+                              f"implies ({rows}, hidden_size)")
 
 
 def shard_gdn(sh: GdnShard, leaf: str, t: torch.Tensor) -> torch.Tensor:

@@ -146,6 +146,16 @@ def test_unknown_tensor_is_named(qwen_tiny):
         canonical_weights(spec, arch_config(spec), bad)
 
 
+def test_misshaped_interleaved_projection_is_named(qwen_tiny):
+    d, _ = qwen_tiny["qwen3_next"]
+    spec = load_model_spec(d)
+    bad = dict(read_safetensors(d))
+    name = "model.layers.0.linear_attn.in_proj_qkvz.weight"
+    bad[name] = bad[name][:-3]
+    with pytest.raises(QwenWeightError, match=r"in_proj_qkvz.*\(125, 32\).*\(128, hidden_size\)"):
+        canonical_weights(spec, arch_config(spec), bad)
+
+
 # ---- tensor parallelism ---------------------------------------------------------------------
 
 N_NEW = 12
