@@ -2,8 +2,9 @@
 
 `shard_weights` cuts the canonical full tensors into rank r's share by the spec's ShardRules
 (shard.py): Mamba2 z/x channels, heads (dt, A, D) by whole heads, B/C by the groups the local
-heads use (any n_groups, 1 included); attention query heads split, KV heads the ones the local
-query heads use; MLP / expert intermediate channels split; row-parallel weights (o_proj,
+heads use (any n_groups, 1 included); gated delta nets by v-heads, q/k by the k-heads those use
+(gdn_shard.py, qwen_weights.shard_gdn); attention query heads split (gated attention's [q | gate]
+rows as one unit per head), KV heads the ones the local query heads use; MLP / expert intermediate channels split; row-parallel weights (o_proj,
 out_proj, down_proj) split along their input; embeddings, lm_head, norms, routers replicated.
 """
 from __future__ import annotations
