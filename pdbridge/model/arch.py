@@ -12,7 +12,8 @@ from typing import Any, Mapping
 
 from pdbridge.spec import ModelSpec
 
-SUPPORTED = ("nemotron_h", "bamba", "granitemoehybrid", "falcon_h1", "zamba2")
+SUPPORTED = ("nemotron_h", "bamba", "granitemoehybrid", "falcon_h1", "zamba2", "qwen3_5_text",
+             "qwen3_next")
 
 
 def _float(v: Any) -> float:
@@ -32,11 +33,13 @@ class MoeConfig:
     num_experts: int
     top_k: int
     router: str                 # "sigmoid_group" (NemotronH) | "softmax_topk" (Granite)
+                                # | "softmax" (Qwen3-Next: softmax over all, then top-k)
     gated: bool                 # experts are act(gate) * up (Granite) or act(up) (NemotronH)
     n_group: int = 1
     topk_group: int = 1
     norm_topk_prob: bool = True
     routed_scaling_factor: float = 1.0
+    shared_gate: bool = False   # Qwen3-Next: shared expert * sigmoid(shared_expert_gate . x)
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,8 @@ class ArchConfig:
     tie_word_embeddings: bool = False
     mamba_norm_eps: float | None = None  # the gated norm's own eps (Zamba2: 1e-5); None: eps
     shared: SharedBlocks | None = None   # Zamba2's shared transformer blocks
+    norm_offset: float = 0.0            # 1.0: zero-centred RMSNorms, x_normed * (1 + w) (Qwen)
+    gated_attention: bool = False       # Qwen: q_proj gives q | gate per head, q/k norms
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -200,5 +205,23 @@ def _zamba2(cfg, spec) -> ArchConfig:
                       tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)))
 
 
+def _qwen_gdn(cfg, spec) -> ArchConfig:
+    """Qwen3.5 (text) and Qwen3-Next: zero-centred RMSNorms (the delta net's gated norm is not),
+    gated attention with partial rotary, SwiGLU MLP; Qwen3-Next's sparse MoE layers route by a
+    softmax over all experts and gate the shared expert. Text positions are the same on the
+    three mRoPE sections of Qwen3.5, so its rotary is the default one on `rotary_dim` channels."""
+    experts = int(cfg.get("num_experts") or 0)
+    moe = MoeConfig(num_experts=experts, top_k=int(cfg.get("num_experts_per_tok", 1)),
+                    router="softmax", gated=True,
+                    norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
+                    shared_gate=True) if experts else None
+    act = cfg.get("hidden_act", "silu")
+    return ArchConfig(spec.model_type, eps=_float(cfg.get("rms_norm_eps", 1e-6)), mlp_act=act,
+                      mlp_gated=True, mamba_act=act, rope=_rope(cfg, _head_dim(spec)), moe=moe,
+                      norm_offset=1.0, gated_attention=True,
+                      tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)))
+
+
 _BUILDERS = {"nemotron_h": _nemotron_h, "bamba": _bamba, "granitemoehybrid": _granitemoehybrid,
-             "falcon_h1": _falcon_h1, "zamba2": _zamba2}
+             "falcon_h1": _falcon_h1, "zamba2": _zamba2, "qwen3_5_text": _qwen_gdn,
+             "qwen3_next": _qwen_gdn}

@@ -16,6 +16,7 @@ from .mamba2 import Mamba2
 from .mlp import MLP
 from .moe import MoE
 from .norm import RMSNorm, group_spans_ranks
+from .qwen import build_gated_attention, build_gdn
 from .shard import attention_shard, mamba2_shard, split_units
 
 
@@ -25,17 +26,22 @@ class Block(nn.Module):
         super().__init__()
         self.arch = arch
         i, pre = layer.index, f"layers.{layer.index}."
-        self.mixer_norm = RMSNorm(hidden, arch.eps) if layer.mixers else None
+        self.mixer_norm = RMSNorm(hidden, arch.eps, arch.norm_offset) if layer.mixers else None
         a, m = layer.mixer(MixerKind.ATTENTION), layer.mixer(MixerKind.MAMBA2)
-        self.attn = self.mamba = self.ffn = self.ffn_norm = None
-        if a is not None:
+        g = layer.mixer(MixerKind.GATED_DELTA_NET)
+        self.attn = self.mamba = self.gdn = self.ffn = self.ffn_norm = None
+        if a is not None and arch.gated_attention:
+            self.attn = build_gated_attention(a, hidden, i, arch, comm, names)
+        elif a is not None:
             self.attn = Attention(attention_shard(a, comm.size, comm.rank), hidden, i, arch.rope,
                                   arch.attn_scale, arch.key_multiplier,
                                   pre + "attn.q_proj.bias" in names, comm)
         if m is not None:
             self.mamba = build_mamba2(m, hidden, i, arch, comm, names)
+        if g is not None:
+            self.gdn = build_gdn(g, hidden, i, arch, comm)
         if layer.ffn is not FfnKind.NONE:
-            self.ffn_norm = RMSNorm(hidden, arch.eps)
+            self.ffn_norm = RMSNorm(hidden, arch.eps, arch.norm_offset)
             self.ffn = build_ffn(layer, hidden, arch, cfg, comm, names)
 
     def forward(self, h: torch.Tensor, batch: ForwardBatch, caches,
@@ -47,6 +53,8 @@ class Block(nn.Module):
             out = None
             if self.mamba is not None:
                 out = self.mamba(x, batch, caches) * arch.ssm_out_multiplier
+            if self.gdn is not None:
+                out = self.gdn(x, batch, caches)
             if self.attn is not None:
                 y = self.attn(x * arch.attn_in_multiplier, batch, caches) * arch.attn_out_multiplier
                 out = y if out is None else out + y
@@ -85,7 +93,8 @@ def build_ffn(layer: LayerSpec, hidden: int, arch: ArchConfig, cfg: dict, comm,
         return mlp(_mlp_intermediate(cfg), bias)
     moe = arch.moe
     shared_inter = int(cfg.get("moe_shared_expert_intermediate_size")
-                       or cfg.get("shared_intermediate_size") or 0)
+                       or cfg.get("shared_intermediate_size")
+                       or cfg.get("shared_expert_intermediate_size") or 0)
     shared = mlp(shared_inter, pre + "shared.up_proj.bias" in names) if shared_inter else None
     inter = int(cfg.get("moe_intermediate_size") or cfg["intermediate_size"])
     a, b = split_units(inter, comm.size, comm.rank)

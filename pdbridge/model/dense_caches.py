@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from pdbridge.spec import AttentionSpec, Mamba2Spec, ModelSpec
+from pdbridge.spec import AttentionSpec, GatedDeltaNetSpec, Mamba2Spec, ModelSpec
 
+from .gdn_shard import gdn_shard
 from .shard import attention_shard, mamba2_shard
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -48,6 +49,12 @@ class DenseCaches:
                                                           dtype=dtype)
                     self._ssm[layer.index] = torch.zeros(num_blocks, sh.num_heads, m.head_dim,
                                                          m.d_state, dtype=ssm_dtype)
+                elif isinstance(m, GatedDeltaNetSpec):     # conv [q|k|v]; recurrent (Hv, dk, dv)
+                    sh = gdn_shard(m, tp_size, tp_rank)
+                    self._conv[layer.index] = torch.zeros(num_blocks, sh.conv_dim, m.d_conv - 1,
+                                                          dtype=dtype)
+                    self._ssm[layer.index] = torch.zeros(num_blocks, sh.num_v, m.head_k_dim,
+                                                         m.head_v_dim, dtype=ssm_dtype)
                 else:
                     raise NotImplementedError(f"DenseCaches: mixer {m.kind.value} is not supported")
 

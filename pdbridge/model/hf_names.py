@@ -6,7 +6,8 @@ Canonical names are the HybridModel's state_dict keys at TP = 1:
   layers.{i}.attn.{q,k,v,o}_proj.weight, layers.{i}.mamba.{in_proj.weight, conv_weight,
   conv_bias, dt_bias, A_log, D, norm.weight, out_proj.weight}, layers.{i}.ffn.{up,gate,down}_proj
   .weight, MoE: layers.{i}.ffn.{router_weight, router_bias, experts_up, experts_gate,
-  experts_down, shared.*}; Zamba2's shared blocks and adapters: see zamba2_weights.py.
+  experts_down, shared.*}; Zamba2's shared blocks and adapters: see zamba2_weights.py; Qwen's
+  gated delta nets (layers.{i}.gdn.*): see qwen_weights.py.
 Both the checkpoint spelling (`backbone.*`, per-expert tensors) and the in-memory spelling of
 transformers 5.x (`model.*`, stacked experts) are accepted.
 """
@@ -19,11 +20,12 @@ import torch
 from pdbridge.spec import FfnKind, MixerKind, ModelSpec
 
 from .arch import ArchConfig
+from .qwen_weights import qwen_names
 from .zamba2_weights import zamba2_names
 
 _LAYER = re.compile(r"^layers\.(\d+)\.(.*)$")
 _EXPERT = re.compile(r"^experts\.(\d+)\.(up|down|gate)_proj\.weight$")
-_IGNORED = ("mtp.",)
+_IGNORED = ("mtp.", "visual.")          # Qwen: multi-token prediction, vision tower
 # A renamer may place a tensor outside its own layer (Zamba2's shared blocks and adapters):
 # such names come back already canonical.
 _CANONICAL = ("layers.", "shared.")
@@ -63,7 +65,7 @@ def canonical_weights(spec: ModelSpec, arch: ArchConfig, hf: dict[str, torch.Ten
 
 
 def _strip(name: str) -> str:
-    for p in ("backbone.", "model."):
+    for p in ("backbone.", "model.language_model.", "model."):
         if name.startswith(p):
             return name[len(p):]
     return name
@@ -161,4 +163,4 @@ def _fold_falcon_mup(spec: ModelSpec, arch: ArchConfig, out: dict[str, torch.Ten
 
 _RENAMERS = {"nemotron_h": _nemotron_h, "bamba": _granite_family,
              "granitemoehybrid": _granite_family, "falcon_h1": _granite_family,
-             "zamba2": zamba2_names}
+             "zamba2": zamba2_names, "qwen3_5_text": qwen_names, "qwen3_next": qwen_names}

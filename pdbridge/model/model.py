@@ -31,7 +31,7 @@ class HybridModel(nn.Module):
                                         for l in spec.layers)
         else:                                   # Zamba2: shared transformer blocks
             self.shared, self.layers = build_zamba2_layers(spec, arch, comm, names)
-        self.final_norm = RMSNorm(d, arch.eps)
+        self.final_norm = RMSNorm(d, arch.eps, arch.norm_offset)
         self.lm_head = nn.Linear(d, spec.vocab_size, bias=False)
         # Called with each layer's index once it has run (its caches hold that layer's state
         # for this batch): P/D push mode writes final bytes from here (engine/pd_push.py).

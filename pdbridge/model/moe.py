@@ -1,8 +1,10 @@
-"""Mixture of experts with a shared expert (NemotronH, GraniteMoeHybrid).
+"""Mixture of experts with a shared expert (NemotronH, GraniteMoeHybrid, Qwen3-Next).
 
 Routers (transformers 5.x): NemotronH scores sigmoid(logits) (+ a correction bias for the
 choice only, grouped top-k), weights = chosen scores, optionally normalised, times
-routed_scaling_factor. Granite takes the top-k logits and softmaxes them.
+routed_scaling_factor. Granite takes the top-k logits and softmaxes them. Qwen3-Next softmaxes
+all logits, takes the top-k (renormalised when norm_topk_prob), and scales its shared expert by
+a per-token sigmoid gate.
 TP: every expert's intermediate channels are split like an MLP's; the router is replicated;
 the routed sum and the shared expert are summed over ranks in one all-reduce.
 """
@@ -29,11 +31,18 @@ class MoE(nn.Module):
         self.experts_gate = nn.Parameter(torch.empty(e, inter_local, hidden)) if cfg.gated else None
         self.experts_down = nn.Parameter(torch.empty(e, hidden, inter_local))
         self.shared = shared
+        # Qwen3-Next scales its shared expert by sigmoid(shared_gate . x), per token.
+        self.shared_gate = nn.Linear(hidden, 1, bias=False) if cfg.shared_gate else None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (top_k_index, top_k_weight), each (T, k)."""
         cfg = self.cfg
         logits = F.linear(upcast(x), upcast(self.router_weight))               # (T, E)
+        if cfg.router == "softmax":         # Qwen3-Next: softmax over all, then top-k
+            top, idx = torch.softmax(logits, dim=-1).topk(cfg.top_k, dim=-1)
+            if cfg.norm_topk_prob:
+                top = top / top.sum(-1, keepdim=True)
+            return idx, top.to(x.dtype)
         if cfg.router == "softmax_topk":
             top, idx = logits.topk(cfg.top_k, dim=-1)
             return idx, torch.softmax(top, dim=-1).to(x.dtype)
@@ -64,6 +73,9 @@ class MoE(nn.Module):
             out.index_add_(0, tok, y.to(out.dtype))
         out = out.to(x.dtype)
         if self.shared is not None:
-            out = out + self.shared.partial(x)
+            shared = self.shared.partial(x)
+            if self.shared_gate is not None:    # linear in the partial sums: gate before the sum
+                shared = torch.sigmoid(self.shared_gate(x)) * shared
+            out = out + shared
         self.comm.all_reduce_(out)
         return self.shared.finish(out) if self.shared is not None else out

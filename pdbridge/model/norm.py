@@ -9,15 +9,18 @@ from .precision import upcast
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, hidden: int, eps: float):
+    """`offset` 1.0: the zero-centred RMSNorm of Qwen3-Next / Qwen3.5, x_normed * (1 + w)."""
+
+    def __init__(self, hidden: int, eps: float, offset: float = 0.0):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden))
-        self.eps = eps
+        self.eps, self.offset = eps, offset
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:      # (T, D)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:      # (..., D)
         xf = upcast(x)
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (upcast(self.weight) * xf).to(x.dtype)
+        w = upcast(self.weight)
+        return ((w + self.offset if self.offset else w) * xf).to(x.dtype)
 
 
 class GatedRMSNorm(nn.Module):

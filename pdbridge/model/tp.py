@@ -2,8 +2,9 @@
 
 `shard_weights` cuts the canonical full tensors into rank r's share by the spec's ShardRules
 (shard.py): Mamba2 z/x channels, heads (dt, A, D) by whole heads, B/C by the groups the local
-heads use (any n_groups, 1 included); attention query heads split, KV heads the ones the local
-query heads use; MLP / expert intermediate channels split; row-parallel weights (o_proj,
+heads use (any n_groups, 1 included); gated delta nets by v-heads, q/k by the k-heads those use
+(gdn_shard.py, qwen_weights.shard_gdn); attention query heads split (gated attention's [q | gate]
+rows as one unit per head), KV heads the ones the local query heads use; MLP / expert intermediate channels split; row-parallel weights (o_proj,
 out_proj, down_proj) split along their input; embeddings, lm_head, norms, routers replicated.
 """
 from __future__ import annotations
@@ -14,9 +15,11 @@ import torch
 
 from pdbridge.spec import MixerKind, ModelSpec
 
+from .gdn_shard import gdn_shard
+from .qwen_weights import shard_gdn
 from .shard import AttentionShard, Mamba2Shard, attention_shard, mamba2_shard, split_units
 
-_NAME = re.compile(r"^layers\.(\d+)\.(attn|mamba|ffn)\.(.*)$")
+_NAME = re.compile(r"^layers\.(\d+)\.(attn|mamba|gdn|ffn)\.(.*)$")
 
 
 def _rows(n0: int, n1: int, unit: int) -> torch.Tensor:
@@ -53,8 +56,8 @@ def _mamba(sh: Mamba2Shard, name: str, t: torch.Tensor) -> torch.Tensor:
 def _attention(sh: AttentionShard, name: str, t: torch.Tensor) -> torch.Tensor:
     hd = sh.spec.head_dim
     q, kv = _rows(sh.q0, sh.q1, hd), _rows(sh.kv0, sh.kv1, hd)
-    if name.startswith("q_proj."):
-        return t.index_select(0, q)
+    if name.startswith("q_proj."):      # gated attention (Qwen): [q | gate] rows, 2 hd a head
+        return t.index_select(0, _rows(sh.q0, sh.q1, t.shape[0] // sh.spec.num_q_heads))
     if name.startswith(("k_proj.", "v_proj.")):
         return t.index_select(0, kv)
     if name == "o_proj.weight":
@@ -93,6 +96,9 @@ def shard_weights(spec: ModelSpec, full: dict[str, torch.Tensor], rank: int, siz
         layer, part, leaf = spec.layers[int(m.group(1))], m.group(2), m.group(3)
         if part == "mamba":
             out[name] = _mamba(mamba2_shard(layer.mixer(MixerKind.MAMBA2), size, rank), leaf, t)
+        elif part == "gdn":
+            out[name] = shard_gdn(gdn_shard(layer.mixer(MixerKind.GATED_DELTA_NET), size, rank),
+                                  leaf, t)
         elif part == "attn":
             out[name] = _attention(attention_shard(layer.mixer(MixerKind.ATTENTION), size, rank),
                                    leaf, t)

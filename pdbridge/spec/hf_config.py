@@ -212,8 +212,13 @@ def _qwen_gdn(cfg: Config) -> list[LayerSpec]:
                             head_v_dim=_int(cfg, "linear_value_head_dim"),
                             d_conv=_int(cfg, "linear_conv_kernel_dim"))
     attn = _attention(cfg)
-    ffn = _ffn_for(cfg, "num_experts")
-    return [LayerSpec(i, (gdn,) if k == "G" else (attn,), ffn) for i, k in enumerate(kinds)]
+    # Qwen3-Next: MoE on every `decoder_sparse_step`-th layer except `mlp_only_layers`.
+    sparse = _ffn_for(cfg, "num_experts") is FfnKind.MOE
+    step = _int(cfg, "decoder_sparse_step", default=1)
+    dense = set(cfg.get("mlp_only_layers") or [])
+    ffn = [FfnKind.MOE if sparse and i not in dense and (i + 1) % step == 0 else FfnKind.MLP
+           for i in range(len(kinds))]
+    return [LayerSpec(i, (gdn,) if k == "G" else (attn,), ffn[i]) for i, k in enumerate(kinds)]
 
 
 _LFM_KINDS = {"conv": "C", "full_attention": "*", "attention": "*"}

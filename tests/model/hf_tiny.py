@@ -51,7 +51,39 @@ def hf_config(arch: str, **over):
         kw.update(over)
         kw["num_hidden_layers"] = len(kw["layers_block_type"])
         return tf.Zamba2Config(**kw)
+    if arch in QWEN:
+        return qwen_config(arch, **over)
     raise ValueError(arch)
+
+
+# Gated delta net models: Hk = 2 k-heads, Hv = 4 v-heads (each k-head serves 2), dk != dv, 4 query
+# and 2 KV heads with partial rotary (0.25 of head_dim 16): TP 1, 2, 4 and the uneven 3.
+# Layers G G * G G * (G delta net, * gated attention). qwen3_next: MoE on odd layers
+# (decoder_sparse_step 2) except layer 3, a dense MLP elsewhere, shared expert with its gate.
+_QWEN_BASE = dict(vocab_size=96, hidden_size=32, intermediate_size=40, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, linear_conv_kernel_dim=4,
+                  linear_key_head_dim=8, linear_value_head_dim=12, linear_num_key_heads=2,
+                  linear_num_value_heads=4, initializer_range=0.2,
+                  layer_types=["linear_attention", "linear_attention", "full_attention",
+                               "linear_attention", "linear_attention", "full_attention"])
+QWEN = {
+    "qwen3_5_text": dict(_QWEN_BASE),
+    "qwen3_next": dict(_QWEN_BASE, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=12,
+                       shared_expert_intermediate_size=16, decoder_sparse_step=2,
+                       mlp_only_layers=[3], norm_topk_prob=True),
+    "qwen3_next_no_norm": dict(_QWEN_BASE, num_experts=4, num_experts_per_tok=2,
+                               moe_intermediate_size=12, shared_expert_intermediate_size=16,
+                               norm_topk_prob=False),
+}
+
+
+def qwen_config(arch: str, **over):
+    import transformers as tf
+    kw = dict(QWEN[arch], **over)
+    kw["num_hidden_layers"] = len(kw["layer_types"])
+    if arch == "qwen3_5_text":
+        return tf.Qwen3_5TextConfig(**kw)
+    return tf.Qwen3NextConfig(**kw)
 
 
 _ZAMBA_BASE = dict(vocab_size=96, hidden_size=32, num_attention_heads=4, intermediate_size=40,
@@ -86,6 +118,7 @@ def hf_model(config, seed: int = 0):
 @torch.no_grad()
 def randomise_constants(model) -> None:
     """Parameters that initialise to constants (ones, zeros, log(1..H)) would hide mistakes."""
+    zero_centred = model.config.model_type in ("qwen3_5_text", "qwen3_next", "qwen3_5")
     for name, p in model.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
         if leaf == "dt_bias":
@@ -94,6 +127,8 @@ def randomise_constants(model) -> None:
             p.uniform_(-1.0, 1.0)
         elif leaf == "D":
             p.normal_(0.0, 1.0)
+        elif zero_centred and "norm" in name and "linear_attn" not in name:
+            p.normal_(0.0, 0.2)         # Qwen's zero-centred norms: the weight is w in (1 + w)
         elif "norm" in name and leaf == "weight":
             p.copy_(1.0 + 0.2 * torch.randn_like(p))
         elif "conv1d.bias" in name or leaf == "bias":
