@@ -21,6 +21,7 @@ from pdbridge.spec import FfnKind, MixerKind, ModelSpec
 
 from .arch import ArchConfig
 from .qwen_weights import qwen_names
+from .weight_error import WeightError  # noqa: F401  (the callers' name for it)
 from .zamba2_weights import zamba2_names
 
 _LAYER = re.compile(r"^layers\.(\d+)\.(.*)$")
@@ -29,10 +30,6 @@ _IGNORED = ("mtp.", "visual.")          # Qwen: multi-token prediction, vision t
 # A renamer may place a tensor outside its own layer (Zamba2's shared blocks and adapters):
 # such names come back already canonical.
 _CANONICAL = ("layers.", "shared.")
-
-
-class WeightError(KeyError):
-    """A checkpoint tensor pdbridge cannot place; the message names it."""
 
 
 def canonical_weights(spec: ModelSpec, arch: ArchConfig, hf: dict[str, torch.Tensor]

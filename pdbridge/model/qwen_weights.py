@@ -17,9 +17,10 @@ import torch
 from pdbridge.spec import FfnKind, GatedDeltaNetSpec, MixerKind
 
 from .gdn_shard import GdnShard
+from .weight_error import WeightError
 
 
-class QwenWeightError(KeyError):
+class QwenWeightError(WeightError):
     """A Qwen checkpoint tensor pdbridge cannot place; the message names it."""
 
 

@@ -20,6 +20,7 @@ from pdbridge.spec import MixerKind, ModelSpec
 from .arch import SharedBlocks, arch_config
 from .shard import attention_shard, split_units
 from .tp import _attention, _ffn
+from .weight_error import WeightError
 
 _ADAPTER_LIST = re.compile(r"^(?:self_attn\.linear_([qkv])_adapter_list|feed_forward\."
                            r"gate_up_proj_adapter_list)\.(\d+)\.([01])\.weight$")
@@ -29,7 +30,7 @@ _SHARED_PLAIN = {"input_layernorm.weight": "input_norm.weight",
                  "feed_forward.down_proj.bias": "ffn.down_bias"}
 
 
-class Zamba2WeightError(KeyError):
+class Zamba2WeightError(WeightError):
     """A Zamba2 checkpoint tensor that has no place; the message names it."""
 
 
