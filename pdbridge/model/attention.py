@@ -71,21 +71,28 @@ class Attention(nn.Module):
         v = v.view(t, self.num_kv, self.head_dim)
         if self.rope is not None:
             q, k = apply_rope(q, batch.positions, self.rope), apply_rope(k, batch.positions, self.rope)
+        out = self._cached_attention(q, k, v, batch, caches, layer)
+        y = self.o_proj(out.reshape(t, self.num_q * self.head_dim))
+        self.comm.all_reduce_(y)
+        return y if self.o_bias is None else y + self.o_bias
+
+    def _cached_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          batch: ForwardBatch, caches, layer: int | None = None) -> torch.Tensor:
+        """Write each sequence's new K/V into its blocks, attend over its whole context:
+        q (T, Hq, hd), k and v (T, Hkv, hd) -> (T, Hq, hd)."""
         k_cache, v_cache = caches.kv(self.layer if layer is None else layer)
-        out = torch.empty(t, self.num_q, self.head_dim, dtype=h.dtype, device=h.device)
+        out = torch.empty_like(q)
         bt, kbt = caches.block_tokens, caches.kernel_block_tokens
         ctx_lens = batch.context_lens.tolist()
         for i, (a, b) in enumerate(batch.seq_spans()):
             table, ctx = batch.block_tables[i], ctx_lens[i]
-            kb, row = kv_slots(table, torch.arange(ctx, ctx + b - a, device=h.device), bt, kbt)
+            kb, row = kv_slots(table, torch.arange(ctx, ctx + b - a, device=q.device), bt, kbt)
             k_cache[kb, :, row] = k[a:b].to(k_cache.dtype)
             v_cache[kb, :, row] = v[a:b].to(v_cache.dtype)
             n = ctx + b - a
-            out[a:b] = self._attend(q[a:b], gather_kv(k_cache, table, n, bt, kbt).to(h.dtype),
-                                    gather_kv(v_cache, table, n, bt, kbt).to(h.dtype), ctx)
-        y = self.o_proj(out.reshape(t, self.num_q * self.head_dim))
-        self.comm.all_reduce_(y)
-        return y if self.o_bias is None else y + self.o_bias
+            out[a:b] = self._attend(q[a:b], gather_kv(k_cache, table, n, bt, kbt).to(q.dtype),
+                                    gather_kv(v_cache, table, n, bt, kbt).to(q.dtype), ctx)
+        return out
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: int) -> torch.Tensor:
         """q: (n, Hq, hd) at positions ctx..ctx+n-1; k, v: (Hkv, ctx + n, hd) -> (n, Hq, hd).

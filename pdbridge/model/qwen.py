@@ -13,7 +13,7 @@ from torch import nn
 from pdbridge.spec import AttentionSpec, GatedDeltaNetSpec
 
 from .arch import ArchConfig
-from .attention import Attention, gather_kv, kv_slots
+from .attention import Attention
 from .batch import ForwardBatch
 from .gdn import GatedDeltaNet
 from .gdn_shard import gdn_shard
@@ -45,22 +45,6 @@ class GatedAttention(Attention):
         y = self.o_proj(out.reshape(t, self.num_q * hd))
         self.comm.all_reduce_(y)
         return y if self.o_bias is None else y + self.o_bias
-
-    def _cached_attention(self, q, k, v, batch: ForwardBatch, caches) -> torch.Tensor:
-        """Write each sequence's new K/V into its blocks, attend over its whole context."""
-        k_cache, v_cache = caches.kv(self.layer)
-        out = torch.empty_like(q)
-        bt, kbt = caches.block_tokens, caches.kernel_block_tokens
-        ctx_lens = batch.context_lens.tolist()
-        for i, (a, b) in enumerate(batch.seq_spans()):
-            table, ctx = batch.block_tables[i], ctx_lens[i]
-            kb, row = kv_slots(table, torch.arange(ctx, ctx + b - a, device=q.device), bt, kbt)
-            k_cache[kb, :, row] = k[a:b].to(k_cache.dtype)
-            v_cache[kb, :, row] = v[a:b].to(v_cache.dtype)
-            n = ctx + b - a
-            out[a:b] = self._attend(q[a:b], gather_kv(k_cache, table, n, bt, kbt).to(q.dtype),
-                                    gather_kv(v_cache, table, n, bt, kbt).to(q.dtype), ctx)
-        return out
 
 
 def build_gated_attention(a: AttentionSpec, hidden: int, layer: int, arch: ArchConfig, comm,
