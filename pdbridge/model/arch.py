@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 from pdbridge.spec import ModelSpec
 
-SUPPORTED = ("nemotron_h", "bamba", "granitemoehybrid", "falcon_h1", "zamba2")
+SUPPORTED = ("nemotron_h", "bamba", "granitemoehybrid", "falcon_h1", "zamba2", "lfm2")
 
 
 def _float(v: Any) -> float:
@@ -86,6 +86,7 @@ class ArchConfig:
     tie_word_embeddings: bool = False
     mamba_norm_eps: float | None = None  # the gated norm's own eps (Zamba2: 1e-5); None: eps
     shared: SharedBlocks | None = None   # Zamba2's shared transformer blocks
+    qk_norm: bool = False               # LFM2: RMSNorm (eps) of each q and k head before RoPE
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -200,5 +201,13 @@ def _zamba2(cfg, spec) -> ArchConfig:
                       tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)))
 
 
+def _lfm2(cfg, spec) -> ArchConfig:
+    """LFM2: SwiGLU MLP (its width: lfm2_weights.lfm2_mlp_intermediate), q/k norms, RoPE,
+    tied embeddings by default; Lfm2Config has no MoE (lfm2_moe is another model type)."""
+    return ArchConfig(spec.model_type, eps=_float(cfg.get("norm_eps", 1e-5)), mlp_act="silu",
+                      mlp_gated=True, rope=_rope(cfg, _head_dim(spec)), qk_norm=True,
+                      tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)))
+
+
 _BUILDERS = {"nemotron_h": _nemotron_h, "bamba": _bamba, "granitemoehybrid": _granitemoehybrid,
-             "falcon_h1": _falcon_h1, "zamba2": _zamba2}
+             "falcon_h1": _falcon_h1, "zamba2": _zamba2, "lfm2": _lfm2}

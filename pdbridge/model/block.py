@@ -17,6 +17,8 @@ from .mlp import MLP
 from .moe import MoE
 from .norm import RMSNorm, group_spans_ranks
 from .shard import attention_shard, mamba2_shard, split_units
+from .lfm2_weights import lfm2_mlp_intermediate
+from .short_conv import build_short_conv
 
 
 class Block(nn.Module):
@@ -31,7 +33,10 @@ class Block(nn.Module):
         if a is not None:
             self.attn = Attention(attention_shard(a, comm.size, comm.rank), hidden, i, arch.rope,
                                   arch.attn_scale, arch.key_multiplier,
-                                  pre + "attn.q_proj.bias" in names, comm)
+                                  pre + "attn.q_proj.bias" in names, comm,
+                                  arch.eps if arch.qk_norm else None)
+        c = layer.mixer(MixerKind.SHORT_CONV)
+        self.conv = build_short_conv(c, hidden, i, comm, names) if c is not None else None
         if m is not None:
             self.mamba = build_mamba2(m, hidden, i, arch, comm, names)
         if layer.ffn is not FfnKind.NONE:
@@ -47,6 +52,8 @@ class Block(nn.Module):
             out = None
             if self.mamba is not None:
                 out = self.mamba(x, batch, caches) * arch.ssm_out_multiplier
+            if self.conv is not None:
+                out = self.conv(x, batch, caches)
             if self.attn is not None:
                 y = self.attn(x * arch.attn_in_multiplier, batch, caches) * arch.attn_out_multiplier
                 out = y if out is None else out + y
@@ -96,4 +103,6 @@ def _mlp_intermediate(cfg: dict) -> int:
     """Granite's dense layers are its `shared_mlp` (shared_intermediate_size)."""
     if cfg.get("model_type") == "granitemoehybrid":
         return int(cfg["shared_intermediate_size"])
+    if cfg.get("model_type") == "lfm2":
+        return lfm2_mlp_intermediate(cfg)
     return int(cfg["intermediate_size"])

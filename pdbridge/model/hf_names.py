@@ -19,6 +19,7 @@ import torch
 from pdbridge.spec import FfnKind, MixerKind, ModelSpec
 
 from .arch import ArchConfig
+from .lfm2_weights import lfm2_names
 from .zamba2_weights import zamba2_names
 
 _LAYER = re.compile(r"^layers\.(\d+)\.(.*)$")
@@ -72,7 +73,8 @@ def _strip(name: str) -> str:
 def _top_level(base: str, name: str) -> str:
     table = {"embeddings.weight": "embed.weight", "embed_tokens.weight": "embed.weight",
              "norm_f.weight": "final_norm.weight", "final_layernorm.weight": "final_norm.weight",
-             "norm.weight": "final_norm.weight", "lm_head.weight": "lm_head.weight"}
+             "norm.weight": "final_norm.weight", "lm_head.weight": "lm_head.weight",
+             "embedding_norm.weight": "final_norm.weight"}       # LFM2: the final norm
     if base not in table:
         raise WeightError(f"unexpected checkpoint tensor {name!r}")
     return table[base]
@@ -161,4 +163,4 @@ def _fold_falcon_mup(spec: ModelSpec, arch: ArchConfig, out: dict[str, torch.Ten
 
 _RENAMERS = {"nemotron_h": _nemotron_h, "bamba": _granite_family,
              "granitemoehybrid": _granite_family, "falcon_h1": _granite_family,
-             "zamba2": zamba2_names}
+             "zamba2": zamba2_names, "lfm2": lfm2_names}
