@@ -12,7 +12,8 @@ from typing import Any, Mapping
 
 from pdbridge.spec import ModelSpec
 
-SUPPORTED = ("nemotron_h", "bamba", "granitemoehybrid", "falcon_h1", "zamba2", "lfm2")
+SUPPORTED = ("nemotron_h", "bamba", "granitemoehybrid", "falcon_h1", "zamba2", "lfm2",
+             "jamba")
 
 
 def _float(v: Any) -> float:
@@ -32,6 +33,7 @@ class MoeConfig:
     num_experts: int
     top_k: int
     router: str                 # "sigmoid_group" (NemotronH) | "softmax_topk" (Granite)
+                                # | "softmax" (Qwen3-Next: softmax over all, then top-k)
     gated: bool                 # experts are act(gate) * up (Granite) or act(up) (NemotronH)
     n_group: int = 1
     topk_group: int = 1
@@ -209,5 +211,19 @@ def _lfm2(cfg, spec) -> ArchConfig:
                       tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)))
 
 
+def _jamba(cfg, spec) -> ArchConfig:
+    """Jamba: no RoPE; SwiGLU MLP, and on its expert layers a router that softmaxes over all
+    experts and keeps the top-k weights unnormalised (JambaTopKRouter); Mamba1's dt/B/C norms
+    use rms_norm_eps like every other norm."""
+    experts = int(cfg.get("num_experts") or 1)
+    moe = MoeConfig(num_experts=experts, top_k=int(cfg.get("num_experts_per_tok", 2)),
+                    router="softmax", gated=True, norm_topk_prob=False) if experts > 1 else None
+    act = cfg.get("hidden_act", "silu")
+    return ArchConfig(spec.model_type, eps=_float(cfg.get("rms_norm_eps", 1e-6)), mlp_act=act,
+                      mlp_gated=True, mamba_act=act, rope=None, moe=moe,
+                      tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)))
+
+
 _BUILDERS = {"nemotron_h": _nemotron_h, "bamba": _bamba, "granitemoehybrid": _granitemoehybrid,
-             "falcon_h1": _falcon_h1, "zamba2": _zamba2, "lfm2": _lfm2}
+             "falcon_h1": _falcon_h1, "zamba2": _zamba2, "lfm2": _lfm2,
+             "jamba": _jamba}

@@ -18,6 +18,7 @@ from .moe import MoE
 from .norm import RMSNorm, group_spans_ranks
 from .shard import attention_shard, mamba2_shard, split_units
 from .lfm2_weights import lfm2_mlp_intermediate
+from .mamba1 import build_mamba1
 from .short_conv import build_short_conv
 
 
@@ -37,6 +38,9 @@ class Block(nn.Module):
                                   arch.eps if arch.qk_norm else None)
         c = layer.mixer(MixerKind.SHORT_CONV)
         self.conv = build_short_conv(c, hidden, i, comm, names) if c is not None else None
+        m1 = layer.mixer(MixerKind.MAMBA1)
+        self.mamba1 = (build_mamba1(m1, hidden, i, arch.eps, arch.mamba_act, comm, names)
+                       if m1 is not None else None)
         if m is not None:
             self.mamba = build_mamba2(m, hidden, i, arch, comm, names)
         if layer.ffn is not FfnKind.NONE:
@@ -54,6 +58,8 @@ class Block(nn.Module):
                 out = self.mamba(x, batch, caches) * arch.ssm_out_multiplier
             if self.conv is not None:
                 out = self.conv(x, batch, caches)
+            if self.mamba1 is not None:
+                out = self.mamba1(x, batch, caches)
             if self.attn is not None:
                 y = self.attn(x * arch.attn_in_multiplier, batch, caches) * arch.attn_out_multiplier
                 out = y if out is None else out + y

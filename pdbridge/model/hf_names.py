@@ -19,6 +19,7 @@ import torch
 from pdbridge.spec import FfnKind, MixerKind, ModelSpec
 
 from .arch import ArchConfig
+from .jamba_weights import jamba_names
 from .lfm2_weights import lfm2_names
 from .zamba2_weights import zamba2_names
 
@@ -163,4 +164,4 @@ def _fold_falcon_mup(spec: ModelSpec, arch: ArchConfig, out: dict[str, torch.Ten
 
 _RENAMERS = {"nemotron_h": _nemotron_h, "bamba": _granite_family,
              "granitemoehybrid": _granite_family, "falcon_h1": _granite_family,
-             "zamba2": zamba2_names, "lfm2": lfm2_names}
+             "zamba2": zamba2_names, "lfm2": lfm2_names, "jamba": jamba_names}

@@ -34,6 +34,11 @@ class MoE(nn.Module):
         """-> (top_k_index, top_k_weight), each (T, k)."""
         cfg = self.cfg
         logits = F.linear(upcast(x), upcast(self.router_weight))               # (T, E)
+        if cfg.router == "softmax":         # Qwen3-Next: softmax over all, then top-k
+            top, idx = torch.softmax(logits, dim=-1).topk(cfg.top_k, dim=-1)
+            if cfg.norm_topk_prob:
+                top = top / top.sum(-1, keepdim=True)
+            return idx, top.to(x.dtype)
         if cfg.router == "softmax_topk":
             top, idx = logits.topk(cfg.top_k, dim=-1)
             return idx, torch.softmax(top, dim=-1).to(x.dtype)

@@ -14,10 +14,11 @@ import torch
 
 from pdbridge.spec import MixerKind, ModelSpec
 
+from .mamba1 import shard_mamba1
 from .short_conv import shard_short_conv
 from .shard import AttentionShard, Mamba2Shard, attention_shard, mamba2_shard, split_units
 
-_NAME = re.compile(r"^layers\.(\d+)\.(attn|mamba|conv|ffn)\.(.*)$")
+_NAME = re.compile(r"^layers\.(\d+)\.(attn|mamba|mamba1|conv|ffn)\.(.*)$")
 
 
 def _rows(n0: int, n1: int, unit: int) -> torch.Tensor:
@@ -94,6 +95,8 @@ def shard_weights(spec: ModelSpec, full: dict[str, torch.Tensor], rank: int, siz
         layer, part, leaf = spec.layers[int(m.group(1))], m.group(2), m.group(3)
         if part == "mamba":
             out[name] = _mamba(mamba2_shard(layer.mixer(MixerKind.MAMBA2), size, rank), leaf, t)
+        elif part == "mamba1":
+            out[name] = shard_mamba1(layer.mixer(MixerKind.MAMBA1), leaf, t, size, rank)
         elif part == "conv":
             out[name] = shard_short_conv(layer.mixer(MixerKind.SHORT_CONV), leaf, t, size, rank)
         elif part == "attn":
