@@ -1,5 +1,5 @@
 """Reference torch model for Mamba2 hybrids (NemotronH, Bamba, GraniteMoeHybrid, FalconH1, Zamba2)
-and short-conv hybrids (LFM2),
+Mamba1 hybrids (Jamba) and short-conv hybrids (LFM2),
 loaded from HF safetensors, tensor-parallel by the spec's ShardRules."""
 from .batch import ForwardBatch
 from .comm import SingleComm, TorchDistComm
