@@ -1,4 +1,5 @@
-"""One decoder layer: pre-norm mixers (one, or attention and Mamba2 in parallel as FalconH1),
+"""One decoder layer: pre-norm mixers (one: attention, Mamba2, Mamba1 or short conv; or attention
+and Mamba2 in parallel as FalconH1),
 residual; then pre-norm feed-forward (MLP or MoE), residual. Multipliers from ArchConfig."""
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from .mlp import MLP
 from .moe import MoE
 from .norm import RMSNorm, group_spans_ranks
 from .shard import attention_shard, mamba2_shard, split_units
+# LFM2's short conv and Jamba's Mamba1 (their own modules)
 from .lfm2_weights import lfm2_mlp_intermediate
 from .mamba1 import build_mamba1
 from .short_conv import build_short_conv

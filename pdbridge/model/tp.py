@@ -5,6 +5,8 @@
 heads use (any n_groups, 1 included); attention query heads split, KV heads the ones the local
 query heads use; MLP / expert intermediate channels split; row-parallel weights (o_proj,
 out_proj, down_proj) split along their input; embeddings, lm_head, norms, routers replicated.
+Mamba1 (mamba1.shard_mamba1) and short conv (short_conv.shard_short_conv): plain channel splits,
+x_proj / out_proj along their input.
 """
 from __future__ import annotations
 

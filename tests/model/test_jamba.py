@@ -155,3 +155,19 @@ def test_tp_2_3_4_match_tp1(jamba, dtype):
                 assert tokens == ref_tokens, f"{name} TP={size} rank {rank}"
                 assert_mamba1_states_cut(load_model_spec(dirs[name]), size, rank, states,
                                          ref_states)
+
+
+@pytest.mark.parametrize("name, shape", [("model.layers.0.mamba.x_proj.weight", (20, 65)),
+                                         ("model.layers.2.mamba.A_log", (64, 9)),
+                                         ("model.layers.0.feed_forward.experts.3.up_proj.weight",
+                                          (41, 32))])
+def test_misshaped_mamba1_or_expert_tensor_is_named(jamba, name, shape):
+    """Tensors the config does not imply are refused before loading (TP would cut them
+    silently): x_proj over 65 channels, A with 9 states, an expert one row too wide."""
+    from pdbridge.model.checkpoint_check import check_shapes
+    from pdbridge.model.hf_names import WeightError
+    d, _ = jamba["jamba"]
+    bad = dict(read_safetensors(d))
+    bad[name] = torch.zeros(shape)
+    with pytest.raises(WeightError, match="shape"):
+        check_shapes(load_model_spec(d), bad)

@@ -155,3 +155,18 @@ def test_tp_2_3_4_match_tp1(lfm2, dtype):
                 assert tokens == ref_tokens, f"{name} TP={size} rank {rank}"
                 assert_conv_states_cut(load_model_spec(dirs[name]), size, rank, states,
                                        ref_states)
+
+
+@pytest.mark.parametrize("name, shape", [("model.layers.0.conv.in_proj.weight", (97, 32)),
+                                         ("model.layers.2.conv.conv.weight", (32, 1, 5))])
+def test_misshaped_short_conv_tensor_is_named(lfm2, name, shape):
+    """A short-conv tensor the config does not imply (one row too many: TP would cut B, C and x
+    at the wrong places; another kernel length) is refused before loading, by name."""
+    from pdbridge.model.checkpoint_check import check_shapes
+    from pdbridge.model.hf_names import WeightError
+    d, _ = lfm2["lfm2"]
+    bad = dict(read_safetensors(d))
+    bad[name] = torch.zeros(shape)
+    layer = name.split(".")[2]
+    with pytest.raises(WeightError, match=rf"layers\.{layer}\.conv\..*shape"):
+        check_shapes(load_model_spec(d), bad)
