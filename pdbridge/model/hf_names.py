@@ -52,6 +52,7 @@ def canonical_weights(spec: ModelSpec, arch: ArchConfig, hf: dict[str, torch.Ten
         for sub, tensor in rename(spec, i, rest, t, experts):
             out[sub if sub.startswith(_CANONICAL) else f"layers.{i}.{_fixup(sub)}"] = tensor
     for (i, kind), per in experts.items():
+        _same_shape_experts(i, kind, per)
         out[f"layers.{i}.ffn.experts_{kind}"] = torch.stack([per[j] for j in sorted(per)])
     for k in [k for k in out if k.endswith("mamba.conv_weight")]:
         out[k] = out[k].reshape(out[k].shape[0], -1)                  # (C, 1, K) -> (C, K)
@@ -62,6 +63,15 @@ def canonical_weights(spec: ModelSpec, arch: ArchConfig, hf: dict[str, torch.Ten
     if spec.model_type == "falcon_h1":
         _fold_falcon_mup(spec, arch, out)
     return out
+
+
+def _same_shape_experts(i: int, kind: str, per: dict[int, torch.Tensor]) -> None:
+    """Per-expert tensors are stacked: one of another shape is named, not a stack error."""
+    first = per[min(per)].shape
+    for j in sorted(per):
+        if per[j].shape != first:
+            raise WeightError(f"layers.{i} expert {j} {kind}_proj: shape {tuple(per[j].shape)}, "
+                              f"expert {min(per)} has {tuple(first)}")
 
 
 def _strip(name: str) -> str:
