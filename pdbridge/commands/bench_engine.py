@@ -4,7 +4,8 @@ checkpoint, threads and dtype, measured side by side in one run.
 Prefill: one prompt of T tokens from empty state, logits of the last token (transformers:
 `logits_to_keep=1`, a fresh cache). Decode: after that prompt, `decode_steps` single-token steps,
 time per token; "mamba" is the part spent inside our state-space mixers (Mamba2, Mamba1, short
-conv; forward hooks), which should stay flat in T: the SSM state has a fixed size, unlike attention's KV.
+conv; forward hooks), which should stay flat in T: the SSM state has a fixed size, unlike
+attention's KV.
 Without --model, a small NemotronH made with transformers (from_config, random weights,
 save_pretrained into a temporary directory): nothing is downloaded.
 """
