@@ -3,8 +3,9 @@ checkpoint, threads and dtype, measured side by side in one run.
 
 Prefill: one prompt of T tokens from empty state, logits of the last token (transformers:
 `logits_to_keep=1`, a fresh cache). Decode: after that prompt, `decode_steps` single-token steps,
-time per token; "mamba" is the part spent inside our recurrent mixers (Mamba2, gated delta net;
-forward hooks), which should stay flat in T: the SSM state has a fixed size, unlike attention's KV.
+time per token; "mamba" is the part spent inside our recurrent mixers (Mamba2, Mamba1, short
+conv, gated delta net; forward hooks), which should stay flat in T: the SSM state has a fixed
+size, unlike attention's KV.
 Without --model, a small NemotronH made with transformers (from_config, random weights,
 save_pretrained into a temporary directory): nothing is downloaded.
 """
@@ -134,10 +135,13 @@ def _ours_prefill(model, prompt: list[int], cfg: EngineBenchConfig, caches=None)
 
 @torch.no_grad()
 def _ours_decode(model, prompt: list[int], cfg: EngineBenchConfig) -> tuple[float, float]:
-    """-> (seconds per token, of which inside recurrent mixers)."""
+    """-> (seconds per token, of which inside the recurrent mixers: Mamba2, Mamba1, short conv,
+    gated delta net)."""
     from pdbridge.model import ForwardBatch
     from pdbridge.model.gdn import GatedDeltaNet
+    from pdbridge.model.mamba1 import Mamba1
     from pdbridge.model.mamba2 import Mamba2
+    from pdbridge.model.short_conv import ShortConv
     caches = _caches(model, len(prompt) + cfg.decode_steps + 1, cfg)
     blocks = list(range(caches.num_blocks))
     _ours_prefill(model, prompt, cfg, caches)
@@ -145,7 +149,8 @@ def _ours_decode(model, prompt: list[int], cfg: EngineBenchConfig) -> tuple[floa
     step = lambda tok: model(_to(ForwardBatch.build([[tok]], [ctx], [blocks], [0]), cfg.device),
                              caches)
     step(1)                                         # warm-up (overwritten by the first step)
-    watch = _Stopwatch([m for m in model.modules() if isinstance(m, (Mamba2, GatedDeltaNet))],
+    watch = _Stopwatch([m for m in model.modules()
+                        if isinstance(m, (Mamba2, Mamba1, ShortConv, GatedDeltaNet))],
                        cfg.device)
     _sync(cfg.device)
     t0 = time.perf_counter()

@@ -1,6 +1,6 @@
-"""Reference torch model for Mamba2 hybrids (NemotronH, Bamba, GraniteMoeHybrid, FalconH1, Zamba2)
-and gated-delta-net hybrids (Qwen3.5, Qwen3-Next), loaded from HF safetensors, tensor-parallel
-by the spec's ShardRules."""
+"""Reference torch model for Mamba2 hybrids (NemotronH, Bamba, GraniteMoeHybrid, FalconH1, Zamba2),
+gated-delta-net hybrids (Qwen3.5, Qwen3-Next), Mamba1 hybrids (Jamba) and short-conv hybrids
+(LFM2), loaded from HF safetensors, tensor-parallel by the spec's ShardRules."""
 from .batch import ForwardBatch
 from .comm import SingleComm, TorchDistComm
 from .dense_caches import DenseCaches

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 from pdbridge.spec import ModelSpec
 
 SUPPORTED = ("nemotron_h", "bamba", "granitemoehybrid", "falcon_h1", "zamba2", "qwen3_5_text",
-             "qwen3_next")
+             "qwen3_next", "lfm2", "jamba")
 
 
 def _float(v: Any) -> float:
@@ -91,6 +91,7 @@ class ArchConfig:
     shared: SharedBlocks | None = None   # Zamba2's shared transformer blocks
     norm_offset: float = 0.0            # 1.0: zero-centred RMSNorms, x_normed * (1 + w) (Qwen)
     gated_attention: bool = False       # Qwen: q_proj gives q | gate per head, q/k norms
+    qk_norm: bool = False               # LFM2: RMSNorm (eps) of each q and k head before RoPE
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -222,6 +223,27 @@ def _qwen_gdn(cfg, spec) -> ArchConfig:
                       tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)))
 
 
+def _lfm2(cfg, spec) -> ArchConfig:
+    """LFM2: SwiGLU MLP (its width: lfm2_weights.lfm2_mlp_intermediate), q/k norms, RoPE,
+    tied embeddings by default; Lfm2Config has no MoE (lfm2_moe is another model type)."""
+    return ArchConfig(spec.model_type, eps=_float(cfg.get("norm_eps", 1e-5)), mlp_act="silu",
+                      mlp_gated=True, rope=_rope(cfg, _head_dim(spec)), qk_norm=True,
+                      tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)))
+
+
+def _jamba(cfg, spec) -> ArchConfig:
+    """Jamba: no RoPE; SwiGLU MLP, and on its expert layers a router that softmaxes over all
+    experts and keeps the top-k weights unnormalised (JambaTopKRouter); Mamba1's dt/B/C norms
+    use rms_norm_eps like every other norm."""
+    experts = int(cfg.get("num_experts") or 1)
+    moe = MoeConfig(num_experts=experts, top_k=int(cfg.get("num_experts_per_tok", 2)),
+                    router="softmax", gated=True, norm_topk_prob=False) if experts > 1 else None
+    act = cfg.get("hidden_act", "silu")
+    return ArchConfig(spec.model_type, eps=_float(cfg.get("rms_norm_eps", 1e-6)), mlp_act=act,
+                      mlp_gated=True, mamba_act=act, rope=None, moe=moe,
+                      tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)))
+
+
 _BUILDERS = {"nemotron_h": _nemotron_h, "bamba": _bamba, "granitemoehybrid": _granitemoehybrid,
              "falcon_h1": _falcon_h1, "zamba2": _zamba2, "qwen3_5_text": _qwen_gdn,
-             "qwen3_next": _qwen_gdn}
+             "qwen3_next": _qwen_gdn, "lfm2": _lfm2, "jamba": _jamba}

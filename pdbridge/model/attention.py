@@ -11,6 +11,7 @@ from torch import nn
 
 from .arch import Rope
 from .batch import ForwardBatch
+from .norm import RMSNorm
 from .rope import apply_rope
 from .shard import AttentionShard
 
@@ -38,7 +39,8 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, num_tokens: int, b
 
 class Attention(nn.Module):
     def __init__(self, shard: AttentionShard, hidden: int, layer: int, rope: Rope | None,
-                 scale: float | None, key_multiplier: float, bias: bool, comm):
+                 scale: float | None, key_multiplier: float, bias: bool, comm,
+                 qk_norm_eps: float | None = None):
         super().__init__()
         hd = shard.spec.head_dim
         self.layer, self.rope, self.comm, self.head_dim = layer, rope, comm, hd
@@ -50,6 +52,10 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(hidden, shard.num_kv * hd, bias=bias)
         self.o_proj = nn.Linear(shard.num_q * hd, hidden, bias=False)
         self.o_bias = nn.Parameter(torch.zeros(hidden)) if bias else None   # added after the sum
+        # LFM2: RMSNorm over head_dim of every query and key head, before RoPE (per head, so
+        # replicated under TP).
+        self.q_norm = RMSNorm(hd, qk_norm_eps) if qk_norm_eps is not None else None
+        self.k_norm = RMSNorm(hd, qk_norm_eps) if qk_norm_eps is not None else None
         self.register_buffer("kv_of_q", torch.tensor(shard.kv_of_q()), persistent=False)
         # SDPA's GQA broadcast (query head q reads KV head q // (Hq / Hkv)) covers this rank's
         # heads unless TP cut a KV head's group of query heads unevenly: then index KV per head.
@@ -69,6 +75,8 @@ class Attention(nn.Module):
         q = q.view(t, self.num_q, self.head_dim)
         k = k.view(t, self.num_kv, self.head_dim) * self.key_multiplier
         v = v.view(t, self.num_kv, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.rope is not None:
             q, k = apply_rope(q, batch.positions, self.rope), apply_rope(k, batch.positions, self.rope)
         out = self._cached_attention(q, k, v, batch, caches, layer)

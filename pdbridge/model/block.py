@@ -1,4 +1,5 @@
-"""One decoder layer: pre-norm mixers (one, or attention and Mamba2 in parallel as FalconH1),
+"""One decoder layer: pre-norm mixers (one: attention, Mamba2, Mamba1, short conv or gated delta
+net; or attention and Mamba2 in parallel as FalconH1),
 residual; then pre-norm feed-forward (MLP or MoE), residual. Multipliers from ArchConfig."""
 from __future__ import annotations
 
@@ -12,12 +13,15 @@ from pdbridge.spec import FfnKind, LayerSpec, Mamba2Spec, MixerKind
 from .arch import ArchConfig
 from .attention import Attention
 from .batch import ForwardBatch
+from .lfm2_weights import lfm2_mlp_intermediate
+from .mamba1 import build_mamba1
 from .mamba2 import Mamba2
 from .mlp import MLP
 from .moe import MoE
 from .norm import RMSNorm, group_spans_ranks
 from .qwen import build_gated_attention, build_gdn
 from .shard import attention_shard, mamba2_shard, split_units
+from .short_conv import build_short_conv
 
 
 class Block(nn.Module):
@@ -35,7 +39,13 @@ class Block(nn.Module):
         elif a is not None:
             self.attn = Attention(attention_shard(a, comm.size, comm.rank), hidden, i, arch.rope,
                                   arch.attn_scale, arch.key_multiplier,
-                                  pre + "attn.q_proj.bias" in names, comm)
+                                  pre + "attn.q_proj.bias" in names, comm,
+                                  arch.eps if arch.qk_norm else None)
+        c = layer.mixer(MixerKind.SHORT_CONV)
+        self.conv = build_short_conv(c, hidden, i, comm, names) if c is not None else None
+        m1 = layer.mixer(MixerKind.MAMBA1)
+        self.mamba1 = (build_mamba1(m1, hidden, i, arch.eps, arch.mamba_act, comm, names)
+                       if m1 is not None else None)
         if m is not None:
             self.mamba = build_mamba2(m, hidden, i, arch, comm, names)
         if g is not None:
@@ -55,6 +65,10 @@ class Block(nn.Module):
                 out = self.mamba(x, batch, caches) * arch.ssm_out_multiplier
             if self.gdn is not None:
                 out = self.gdn(x, batch, caches)
+            if self.conv is not None:
+                out = self.conv(x, batch, caches)
+            if self.mamba1 is not None:
+                out = self.mamba1(x, batch, caches)
             if self.attn is not None:
                 y = self.attn(x * arch.attn_in_multiplier, batch, caches) * arch.attn_out_multiplier
                 out = y if out is None else out + y
@@ -105,4 +119,6 @@ def _mlp_intermediate(cfg: dict) -> int:
     """Granite's dense layers are its `shared_mlp` (shared_intermediate_size)."""
     if cfg.get("model_type") == "granitemoehybrid":
         return int(cfg["shared_intermediate_size"])
+    if cfg.get("model_type") == "lfm2":
+        return lfm2_mlp_intermediate(cfg)
     return int(cfg["intermediate_size"])

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import torch
 
-from pdbridge.spec import AttentionSpec, GatedDeltaNetSpec, Mamba2Spec, ModelSpec
+from pdbridge.spec import (AttentionSpec, GatedDeltaNetSpec, Mamba1Spec, Mamba2Spec, ModelSpec,
+                           ShortConvSpec)
 
 from .gdn_shard import gdn_shard
 from .shard import attention_shard, mamba2_shard
+from .mamba1 import mamba1_channels
+from .short_conv import short_conv_channels
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
            "float64": torch.float64}
@@ -55,6 +58,16 @@ class DenseCaches:
                                                           dtype=dtype)
                     self._ssm[layer.index] = torch.zeros(num_blocks, sh.num_v, m.head_k_dim,
                                                          m.head_v_dim, dtype=ssm_dtype)
+                elif isinstance(m, Mamba1Spec):            # conv x (I_l, K-1); SSM (I_l, N)
+                    c0, c1 = mamba1_channels(m, tp_size, tp_rank)
+                    self._conv[layer.index] = torch.zeros(num_blocks, c1 - c0, m.d_conv - 1,
+                                                          dtype=dtype)
+                    self._ssm[layer.index] = torch.zeros(num_blocks, c1 - c0, m.d_state,
+                                                         dtype=ssm_dtype)
+                elif isinstance(m, ShortConvSpec):         # conv state of Bx, (C_local, L-1)
+                    c0, c1 = short_conv_channels(m, tp_size, tp_rank)
+                    self._conv[layer.index] = torch.zeros(num_blocks, c1 - c0, m.l_cache - 1,
+                                                          dtype=dtype)
                 else:
                     raise NotImplementedError(f"DenseCaches: mixer {m.kind.value} is not supported")
 

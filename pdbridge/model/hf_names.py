@@ -20,6 +20,8 @@ import torch
 from pdbridge.spec import FfnKind, MixerKind, ModelSpec
 
 from .arch import ArchConfig
+from .jamba_weights import jamba_names
+from .lfm2_weights import lfm2_names
 from .qwen_weights import qwen_names
 from .weight_error import WeightError  # noqa: F401  (the callers' name for it)
 from .zamba2_weights import zamba2_names
@@ -49,6 +51,7 @@ def canonical_weights(spec: ModelSpec, arch: ArchConfig, hf: dict[str, torch.Ten
         for sub, tensor in rename(spec, i, rest, t, experts):
             out[sub if sub.startswith(_CANONICAL) else f"layers.{i}.{_fixup(sub)}"] = tensor
     for (i, kind), per in experts.items():
+        _same_shape_experts(i, kind, per)
         out[f"layers.{i}.ffn.experts_{kind}"] = torch.stack([per[j] for j in sorted(per)])
     for k in [k for k in out if k.endswith("mamba.conv_weight")]:
         out[k] = out[k].reshape(out[k].shape[0], -1)                  # (C, 1, K) -> (C, K)
@@ -61,6 +64,15 @@ def canonical_weights(spec: ModelSpec, arch: ArchConfig, hf: dict[str, torch.Ten
     return out
 
 
+def _same_shape_experts(i: int, kind: str, per: dict[int, torch.Tensor]) -> None:
+    """Per-expert tensors are stacked: one of another shape is named, not a stack error."""
+    first = per[min(per)].shape
+    for j in sorted(per):
+        if per[j].shape != first:
+            raise WeightError(f"layers.{i} expert {j} {kind}_proj: shape {tuple(per[j].shape)}, "
+                              f"expert {min(per)} has {tuple(first)}")
+
+
 def _strip(name: str) -> str:
     for p in ("backbone.", "model.language_model.", "model."):
         if name.startswith(p):
@@ -71,7 +83,8 @@ def _strip(name: str) -> str:
 def _top_level(base: str, name: str) -> str:
     table = {"embeddings.weight": "embed.weight", "embed_tokens.weight": "embed.weight",
              "norm_f.weight": "final_norm.weight", "final_layernorm.weight": "final_norm.weight",
-             "norm.weight": "final_norm.weight", "lm_head.weight": "lm_head.weight"}
+             "norm.weight": "final_norm.weight", "lm_head.weight": "lm_head.weight",
+             "embedding_norm.weight": "final_norm.weight"}       # LFM2: the final norm
     if base not in table:
         raise WeightError(f"unexpected checkpoint tensor {name!r}")
     return table[base]
@@ -160,4 +173,5 @@ def _fold_falcon_mup(spec: ModelSpec, arch: ArchConfig, out: dict[str, torch.Ten
 
 _RENAMERS = {"nemotron_h": _nemotron_h, "bamba": _granite_family,
              "granitemoehybrid": _granite_family, "falcon_h1": _granite_family,
-             "zamba2": zamba2_names, "qwen3_5_text": qwen_names, "qwen3_next": qwen_names}
+             "zamba2": zamba2_names, "qwen3_5_text": qwen_names, "qwen3_next": qwen_names,
+             "lfm2": lfm2_names, "jamba": jamba_names}

@@ -6,6 +6,8 @@ heads use (any n_groups, 1 included); gated delta nets by v-heads, q/k by the k-
 (gdn_shard.py, qwen_weights.shard_gdn); attention query heads split (gated attention's [q | gate]
 rows as one unit per head), KV heads the ones the local query heads use; MLP / expert intermediate channels split; row-parallel weights (o_proj,
 out_proj, down_proj) split along their input; embeddings, lm_head, norms, routers replicated.
+Mamba1 (mamba1.shard_mamba1) and short conv (short_conv.shard_short_conv): plain channel splits,
+x_proj / out_proj along their input.
 """
 from __future__ import annotations
 
@@ -16,10 +18,12 @@ import torch
 from pdbridge.spec import MixerKind, ModelSpec
 
 from .gdn_shard import gdn_shard
+from .mamba1 import shard_mamba1
 from .qwen_weights import shard_gdn
 from .shard import AttentionShard, Mamba2Shard, attention_shard, mamba2_shard, split_units
+from .short_conv import shard_short_conv
 
-_NAME = re.compile(r"^layers\.(\d+)\.(attn|mamba|gdn|ffn)\.(.*)$")
+_NAME = re.compile(r"^layers\.(\d+)\.(attn|mamba|mamba1|conv|gdn|ffn)\.(.*)$")
 
 
 def _rows(n0: int, n1: int, unit: int) -> torch.Tensor:
@@ -99,6 +103,10 @@ def shard_weights(spec: ModelSpec, full: dict[str, torch.Tensor], rank: int, siz
         elif part == "gdn":
             out[name] = shard_gdn(gdn_shard(layer.mixer(MixerKind.GATED_DELTA_NET), size, rank),
                                   leaf, t)
+        elif part == "mamba1":
+            out[name] = shard_mamba1(layer.mixer(MixerKind.MAMBA1), leaf, t, size, rank)
+        elif part == "conv":
+            out[name] = shard_short_conv(layer.mixer(MixerKind.SHORT_CONV), leaf, t, size, rank)
         elif part == "attn":
             out[name] = _attention(attention_shard(layer.mixer(MixerKind.ATTENTION), size, rank),
                                    leaf, t)

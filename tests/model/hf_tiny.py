@@ -46,6 +46,13 @@ def hf_config(arch: str, **over):
                   mlp_multipliers=[1.1, 0.9])
         kw.update(over)
         return tf.FalconH1Config(**kw)
+    if arch in JAMBA:
+        kw = dict(JAMBA[arch], **over)
+        return tf.JambaConfig(**kw)
+    if arch in LFM2:
+        kw = dict(LFM2[arch], **over)
+        kw["num_hidden_layers"] = len(kw["layer_types"])
+        return tf.Lfm2Config(**kw)
     if arch in ZAMBA2:
         kw = dict(ZAMBA2[arch])
         kw.update(over)
@@ -85,6 +92,34 @@ def qwen_config(arch: str, **over):
         return tf.Qwen3_5TextConfig(**kw)
     return tf.Qwen3NextConfig(**kw)
 
+# LFM2: short conv layers C and attention *, "C*CC*C"; 4 query / 2 KV heads of 8, D = 32 (TP 1, 2,
+# 3, 4); the MLP width is adjusted to 48 (2/3 of 64, rounded up to a multiple of 8). `lfm2`
+# has the conv/in/out biases (conv_bias) and L = 3; `lfm2_l4` none, L = 4, untied embeddings.
+_LFM2_BASE = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                  num_key_value_heads=2, block_multiple_of=8, initializer_range=0.2,
+                  layer_types=["conv", "full_attention", "conv", "conv", "full_attention", "conv"],
+                  bos_token_id=None, eos_token_id=None, pad_token_id=None)
+LFM2 = {
+    "lfm2": dict(_LFM2_BASE, conv_L_cache=3, conv_bias=True),
+    "lfm2_l4": dict(_LFM2_BASE, conv_L_cache=4, conv_bias=False, tie_word_embeddings=False,
+                    norm_eps=1e-3),
+}
+
+# Jamba: 4 layers "m*m*" (Mamba1, attention without RoPE), MoE on layers 0 and 2 (4 experts,
+# top 2, softmax over all, unnormalised), SwiGLU MLP on 1 and 3; 4 query / 2 KV heads; Mamba1
+# I = 64 channels (TP 1, 2, 3, 4; 3 splits 21/21/22), N = 8, K = 4, dt_rank 4. `jamba_bias`:
+# in/out projection biases, no conv bias, one MoE layer in four, K = 3.
+_JAMBA_BASE = dict(vocab_size=96, hidden_size=32, intermediate_size=40, num_hidden_layers=4,
+                   num_attention_heads=4, num_key_value_heads=2, attn_layer_period=2,
+                   attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=0,
+                   num_experts=4, num_experts_per_tok=2, mamba_d_state=8, mamba_d_conv=4,
+                   mamba_expand=2, mamba_dt_rank=4, initializer_range=0.3,
+                   bos_token_id=None, eos_token_id=None, pad_token_id=None)
+JAMBA = {
+    "jamba": dict(_JAMBA_BASE),
+    "jamba_bias": dict(_JAMBA_BASE, mamba_proj_bias=True, mamba_conv_bias=False, mamba_d_conv=3,
+                       expert_layer_period=4, expert_layer_offset=2, rms_norm_eps=1e-3),
+}
 
 _ZAMBA_BASE = dict(vocab_size=96, hidden_size=32, num_attention_heads=4, intermediate_size=40,
                    mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, n_mamba_heads=4,
@@ -182,7 +217,8 @@ def prefill_states(model, prompt: list[int], slot: int = 1, chunks: list[int] | 
         batch = ForwardBatch.build([prompt[ctx:ctx + n]], [ctx], [[3, 0, 5]], [slot])
         logits.append(model(batch, caches, all_logits=True))
         ctx += n
-    states = {L: (caches.conv(L)[slot].clone(), caches.ssm(L)[slot].clone())
+    states = {L: (caches.conv(L)[slot].clone(),                  # short conv: no SSM state
+                  caches.ssm(L)[slot].clone() if L in caches._ssm else None)
               for L in caches._conv}
     return torch.cat(logits), states
 

@@ -79,7 +79,7 @@ def test_push_full_sweep_default_model(default_dir, prefill_tp, conv):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["nemotron_h", "bamba", "granitemoehybrid", "falcon_h1", "zamba2",
-                                  "qwen3_5_text", "qwen3_next"])
+                                  "qwen3_5_text", "qwen3_next", "lfm2", "jamba"])
 def test_push_every_architecture(arch, tmp_path):
     from pd_harness import hf_arch_dir
     model_dir = hf_arch_dir(arch, tmp_path / arch)
@@ -109,7 +109,7 @@ def test_full_sweep_granite(granite_dir, prefill_tp, conv):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["nemotron_h", "bamba", "granitemoehybrid", "falcon_h1", "zamba2",
-                                  "qwen3_5_text", "qwen3_next"])
+                                  "qwen3_5_text", "qwen3_next", "lfm2", "jamba"])
 def test_every_architecture(arch, tmp_path):
     """Each supported architecture's tiny HF checkpoint through 1 -> 2 and 2 -> 4 (and 4 -> 1)."""
     from pd_harness import hf_arch_dir
@@ -135,6 +135,60 @@ def test_gated_delta_net_1_to_2_and_2_to_1(arch, tmp_path):
 @pytest.mark.parametrize("arch", ["qwen3_5_text", "qwen3_next"])
 def test_gated_delta_net_sweep(arch, tmp_path):
     """Every pair of TP 1, 2, 4 plus the uneven 3 -> 2 and 2 -> 3, both conv layouts; push too."""
+    from pd_harness import hf_arch_dir
+    model_dir = hf_arch_dir(arch, tmp_path / arch)
+    prompts = [[t % 96 for t in p] for p in PROMPTS]
+    for p in (1, 2, 3, 4):
+        decode_tps = [d for q, d in PAIRS if q == p]
+        check(model_dir, p, decode_tps, STRATEGIES, "SD", "DS", prompts=prompts)
+    check(model_dir, 4, [2], STRATEGIES, "DS", "SD", prompts=prompts)
+    check(model_dir, 1, [4], ["direct"], prompts=prompts, transfer_mode="push")
+
+
+@pytest.mark.parametrize("arch", ["lfm2"])
+def test_short_conv_1_to_2_and_2_to_1(arch, tmp_path):
+    """LFM2: short-conv state (Bx of the last L-1 tokens, one channel segment) and q/k-normed
+    attention KV. SD prefill into DS decode one way, DS both ways the other. No other engine
+    moves short-conv state between TP sizes (REFERENCE.md)."""
+    from pd_harness import hf_arch_dir
+    model_dir = hf_arch_dir(arch, tmp_path / arch)
+    prompts = [[t % 96 for t in p] for p in PROMPTS]        # the tiny configs' vocabulary
+    check(model_dir, 1, [2], ["direct", "staging"], prefill_conv="SD", prompts=prompts)
+    check(model_dir, 2, [1], ["permute", "auto"], prompts=prompts)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["lfm2", "lfm2_l4"])
+def test_short_conv_sweep(arch, tmp_path):
+    """Every pair of TP 1, 2, 4 plus the uneven 3 -> 2 and 2 -> 3 (D = 32 splits 10/11/11),
+    both conv layouts; push too."""
+    from pd_harness import hf_arch_dir
+    model_dir = hf_arch_dir(arch, tmp_path / arch)
+    prompts = [[t % 96 for t in p] for p in PROMPTS]
+    for p in (1, 2, 3, 4):
+        decode_tps = [d for q, d in PAIRS if q == p]
+        check(model_dir, p, decode_tps, STRATEGIES, "SD", "DS", prompts=prompts)
+    check(model_dir, 4, [2], STRATEGIES, "DS", "SD", prompts=prompts)
+    check(model_dir, 1, [4], ["direct"], prompts=prompts, transfer_mode="push")
+
+
+@pytest.mark.parametrize("arch", ["jamba"])
+def test_mamba1_1_to_2_and_2_to_1(arch, tmp_path):
+    """Jamba: Mamba1 conv state (raw x, one channel segment) and SSM state (I, N) by channels,
+    attention KV without RoPE, MoE layers. SD prefill into DS decode one way, DS both ways the
+    other."""
+    from pd_harness import hf_arch_dir
+    model_dir = hf_arch_dir(arch, tmp_path / arch)
+    prompts = [[t % 96 for t in p] for p in PROMPTS]        # the tiny configs' vocabulary
+    check(model_dir, 1, [2], ["direct", "staging"], prefill_conv="SD", prompts=prompts)
+    check(model_dir, 2, [1], ["permute", "auto"], prompts=prompts)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["jamba", "jamba_bias"])
+def test_mamba1_sweep(arch, tmp_path):
+    """Every pair of TP 1, 2, 4 plus the uneven 3 -> 2 and 2 -> 3 (I = 64 splits 21/21/22), both
+    conv layouts; push too."""
     from pd_harness import hf_arch_dir
     model_dir = hf_arch_dir(arch, tmp_path / arch)
     prompts = [[t % 96 for t in p] for p in PROMPTS]
