@@ -55,7 +55,7 @@ def run_router(pre, dec, host, port, timeout_s, wait_s, log_level, prog) -> int:
     try:
         return serve_app(app, host, port, log_level, prog,
                          f"router over {len(pre)} prefill + {len(dec)} decode servers",
-                         before=lambda: backend.start(wait_s))
+                         before=lambda: backend.start(wait_s), after=backend.close)
     except RouterConfigError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2

@@ -108,9 +108,10 @@ def run(args) -> int:
 
 
 def serve_app(app, host: str, port: int, log_level: str, prog: str, what: str,
-              before=None) -> int:
+              before=None, after=None) -> int:
     """Run `app` under uvicorn until SIGINT/SIGTERM; prints one `ready` line to stderr once
-    it listens (`pdbridge up` and the tests wait for it). `before`: awaited first."""
+    it listens (`pdbridge up` and the tests wait for it). `before`: awaited first; `after`:
+    awaited once the server has stopped, whatever happened (it closes what `before` opened)."""
     import asyncio
 
     import uvicorn
@@ -119,15 +120,20 @@ def serve_app(app, host: str, port: int, log_level: str, prog: str, what: str,
     server = uvicorn.Server(config)
 
     async def main():
-        if before is not None:
-            await before()
-        task = asyncio.create_task(server.serve())     # handles SIGINT / SIGTERM itself
-        while not server.started and not task.done():
-            await asyncio.sleep(0.05)
-        if server.started:
-            print(f"{prog}: {what} ready at http://{host}:{port}", file=sys.stderr, flush=True)
-        await task
-        return server.started
+        try:
+            if before is not None:
+                await before()
+            task = asyncio.create_task(server.serve())     # handles SIGINT / SIGTERM itself
+            while not server.started and not task.done():
+                await asyncio.sleep(0.05)
+            if server.started:
+                print(f"{prog}: {what} ready at http://{host}:{port}", file=sys.stderr,
+                      flush=True)
+            await task
+            return server.started
+        finally:
+            if after is not None:
+                await after()
 
     try:
         ok = asyncio.run(main())

@@ -25,12 +25,15 @@ Sink = Callable[[StepOutput | BaseException], None]
 class EngineLoop:
     def __init__(self, owner: Any, engine: Engine, *, name: str = "engine-loop",
                  idle: Callable[[], None] | None = None, idle_every_s: float = 0.005,
-                 after_step: Callable[[], None] | None = None):
+                 after_step: Callable[[], None] | None = None,
+                 on_broken: Callable[[BaseException], None] | None = None):
         """owner: what `call` functions receive (a PrefillNode, DecodeNode or Engine).
         idle: run at least every `idle_every_s` (the prefill node polls notifications);
-        after_step: run after every step (finished prefills are collected there)."""
+        after_step: run after every step (finished prefills are collected there);
+        on_broken: told the error once the loop is broken, to fail what waits elsewhere."""
         self.owner, self.engine = owner, engine
         self._idle, self._idle_every_s, self._after_step = idle, idle_every_s, after_step
+        self._on_broken = on_broken
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[int, Sink] = {}
         self._stop = threading.Event()
@@ -129,6 +132,8 @@ class EngineLoop:
         sinks, self._sinks = self._sinks, {}
         for sink in sinks.values():
             sink(error)
+        if self._on_broken is not None:
+            self._on_broken(error)
         self._fail_calls(error)
 
     def _fail_calls(self, error: BaseException) -> None:

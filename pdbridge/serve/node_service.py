@@ -96,10 +96,12 @@ class NodeService:
             "max_position_embeddings") or capacity))
         self._pending_prefills: dict[int, Callable[[TransferParams | BaseException], None]] = {}
         self._held: dict[str, TransferParams] = {}             # prefill: under a lease
-        self._backlog: deque[Callable[[], bool]] = deque()      # decode: waiting for blocks
+        # decode: requests waiting for blocks, each (attempt, its stream)
+        self._backlog: deque[tuple[Callable[[], bool], "_TokenStream"]] = deque()
         self._http = httpx.Client(timeout=config.pull_timeout_s) if role is Role.DECODE else None
         self.loop = EngineLoop(self.node, engine, name=f"engine-loop-{role.value}",
-                               idle=self._idle, after_step=self._after_step)
+                               idle=self._idle, after_step=self._after_step,
+                               on_broken=self._broken)
 
     def close(self) -> None:
         self.loop.close()
@@ -233,7 +235,7 @@ class NodeService:
                 self.loop.watch(outcome.request_id, self._sink(stream))
                 return True
             if self._backlog or not attempt():
-                self._backlog.append(attempt)
+                self._backlog.append((attempt, stream))
         async for event in self._run(start, stream):
             yield event
 
@@ -268,8 +270,17 @@ class NodeService:
         return wire.decode(r.content, kind)
 
     def _retry_backlog(self) -> None:
-        while self._backlog and self._backlog[0]():
+        while self._backlog and self._backlog[0][0]():
             self._backlog.popleft()
+
+    def _broken(self, error: BaseException) -> None:
+        """The engine loop stopped (a dead worker): fail what waits outside its sinks."""
+        pending, self._pending_prefills = self._pending_prefills, {}
+        for finished in pending.values():
+            finished(error)
+        backlog, self._backlog = self._backlog, deque()
+        for _, stream in backlog:
+            stream.fail(error)
 
     # ---- both --------------------------------------------------------------------------
 

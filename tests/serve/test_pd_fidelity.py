@@ -119,11 +119,22 @@ def test_every_architecture(arch, tmp_path):
     check(model_dir, 4, [1, 2], ["staging", "auto"], prompts=prompts)
 
 
-@pytest.mark.parametrize("arch", ["qwen3_5_text", "qwen3_next"])
-def test_gated_delta_net_1_to_2_and_2_to_1(arch, tmp_path):
-    """Gated delta nets: conv state [q | k | v] (k-heads cut by the v-heads that use them, so
-    1 -> 2 reads three runs per block), recurrent state (Hv, dk, dv) by v-heads; gated attention
-    KV. SD prefill into DS decode one way, DS both ways the other."""
+# The newer state kinds, each in its own tiny HF checkpoint:
+# * gated delta nets (qwen3_5_text, qwen3_next): conv state [q | k | v] (k-heads cut by the
+#   v-heads that use them, so 1 -> 2 reads three runs per block), recurrent state (Hv, dk, dv)
+#   by v-heads, gated attention KV;
+# * short conv (lfm2, lfm2_l4): the state of Bx (last L-1 tokens, one channel segment; D = 32
+#   splits 10/11/11 at TP 3), q/k-normed attention KV -- no other engine moves it between TP
+#   sizes (REFERENCE.md);
+# * Mamba1 (jamba, jamba_bias): conv state of raw x and SSM state (I, N) by channels (I = 64
+#   splits 21/21/22), attention without RoPE, MoE layers.
+NEW_STATE_KINDS = ["qwen3_5_text", "qwen3_next", "lfm2", "jamba"]
+NEW_STATE_KINDS_SLOW = NEW_STATE_KINDS + ["lfm2_l4", "jamba_bias"]
+
+
+@pytest.mark.parametrize("arch", NEW_STATE_KINDS)
+def test_new_state_kinds_1_to_2_and_2_to_1(arch, tmp_path):
+    """SD prefill into DS decode one way, DS both ways the other."""
     from pd_harness import hf_arch_dir
     model_dir = hf_arch_dir(arch, tmp_path / arch)
     prompts = [[t % 96 for t in p] for p in PROMPTS]        # the tiny configs' vocabulary
@@ -132,63 +143,9 @@ def test_gated_delta_net_1_to_2_and_2_to_1(arch, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["qwen3_5_text", "qwen3_next"])
-def test_gated_delta_net_sweep(arch, tmp_path):
+@pytest.mark.parametrize("arch", NEW_STATE_KINDS_SLOW)
+def test_new_state_kinds_sweep(arch, tmp_path):
     """Every pair of TP 1, 2, 4 plus the uneven 3 -> 2 and 2 -> 3, both conv layouts; push too."""
-    from pd_harness import hf_arch_dir
-    model_dir = hf_arch_dir(arch, tmp_path / arch)
-    prompts = [[t % 96 for t in p] for p in PROMPTS]
-    for p in (1, 2, 3, 4):
-        decode_tps = [d for q, d in PAIRS if q == p]
-        check(model_dir, p, decode_tps, STRATEGIES, "SD", "DS", prompts=prompts)
-    check(model_dir, 4, [2], STRATEGIES, "DS", "SD", prompts=prompts)
-    check(model_dir, 1, [4], ["direct"], prompts=prompts, transfer_mode="push")
-
-
-@pytest.mark.parametrize("arch", ["lfm2"])
-def test_short_conv_1_to_2_and_2_to_1(arch, tmp_path):
-    """LFM2: short-conv state (Bx of the last L-1 tokens, one channel segment) and q/k-normed
-    attention KV. SD prefill into DS decode one way, DS both ways the other. No other engine
-    moves short-conv state between TP sizes (REFERENCE.md)."""
-    from pd_harness import hf_arch_dir
-    model_dir = hf_arch_dir(arch, tmp_path / arch)
-    prompts = [[t % 96 for t in p] for p in PROMPTS]        # the tiny configs' vocabulary
-    check(model_dir, 1, [2], ["direct", "staging"], prefill_conv="SD", prompts=prompts)
-    check(model_dir, 2, [1], ["permute", "auto"], prompts=prompts)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("arch", ["lfm2", "lfm2_l4"])
-def test_short_conv_sweep(arch, tmp_path):
-    """Every pair of TP 1, 2, 4 plus the uneven 3 -> 2 and 2 -> 3 (D = 32 splits 10/11/11),
-    both conv layouts; push too."""
-    from pd_harness import hf_arch_dir
-    model_dir = hf_arch_dir(arch, tmp_path / arch)
-    prompts = [[t % 96 for t in p] for p in PROMPTS]
-    for p in (1, 2, 3, 4):
-        decode_tps = [d for q, d in PAIRS if q == p]
-        check(model_dir, p, decode_tps, STRATEGIES, "SD", "DS", prompts=prompts)
-    check(model_dir, 4, [2], STRATEGIES, "DS", "SD", prompts=prompts)
-    check(model_dir, 1, [4], ["direct"], prompts=prompts, transfer_mode="push")
-
-
-@pytest.mark.parametrize("arch", ["jamba"])
-def test_mamba1_1_to_2_and_2_to_1(arch, tmp_path):
-    """Jamba: Mamba1 conv state (raw x, one channel segment) and SSM state (I, N) by channels,
-    attention KV without RoPE, MoE layers. SD prefill into DS decode one way, DS both ways the
-    other."""
-    from pd_harness import hf_arch_dir
-    model_dir = hf_arch_dir(arch, tmp_path / arch)
-    prompts = [[t % 96 for t in p] for p in PROMPTS]        # the tiny configs' vocabulary
-    check(model_dir, 1, [2], ["direct", "staging"], prefill_conv="SD", prompts=prompts)
-    check(model_dir, 2, [1], ["permute", "auto"], prompts=prompts)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("arch", ["jamba", "jamba_bias"])
-def test_mamba1_sweep(arch, tmp_path):
-    """Every pair of TP 1, 2, 4 plus the uneven 3 -> 2 and 2 -> 3 (I = 64 splits 21/21/22), both
-    conv layouts; push too."""
     from pd_harness import hf_arch_dir
     model_dir = hf_arch_dir(arch, tmp_path / arch)
     prompts = [[t % 96 for t in p] for p in PROMPTS]
