@@ -1,6 +1,7 @@
 """Pure geometry: model specs, sharding rules, and the byte layout of every rank's caches."""
 from .hf_config import ConfigError, load_model_spec
-from .layout import (DTYPE_BYTES, Axis, CacheConfig, EngineLayout, LayoutError, RankLayout, Region,
+from .layout import (DTYPE_BYTES, Axis, CacheConfig, EngineLayout, LayoutError, PlacedGroup,
+                     Placement, RankLayout, Region,
                      TensorLayout)
 from .model_spec import (AttentionSpec, FfnKind, GatedDeltaNetSpec, LayerSpec, Mamba1Spec,
                          Mamba2Spec, MixerKind, ModelSpec, ShortConvSpec)

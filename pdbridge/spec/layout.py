@@ -42,6 +42,48 @@ class LayoutError(ValueError):
 
 
 @dataclass(frozen=True)
+class PlacedGroup:
+    """Where one region group (a paged tensor, or one mixer's state tensors) of another
+    engine lives: `base` bytes into region `region` is block 0; the group's tensors follow
+    each other within a page in `tensors` order, each aligned to Placement.pack_align.
+    `orders` gives, per tensor, its dims outermost first where they differ from the
+    declared order (empty: declared order)."""
+    layer: int
+    tensors: tuple[str, ...]
+    region: int
+    base: int
+    orders: tuple[tuple[str, ...], ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "tensors", tuple(self.tensors))
+        object.__setattr__(self, "orders", tuple(tuple(o) for o in self.orders))
+
+
+@dataclass(frozen=True)
+class Placement:
+    """An engine that is not ours (vLLM) as data: its cache buffers and where each tensor
+    sits in them, the same on every rank of the engine (it shards evenly). Every block of
+    every tensor is `page_nbytes` apart (one block id, one page, whatever the group)."""
+    regions: tuple[tuple[str, int], ...]        # (name, nbytes) of each registered buffer
+    page_nbytes: int
+    groups: tuple[PlacedGroup, ...]
+    pack_align: int = 1
+
+    def __post_init__(self):
+        object.__setattr__(self, "regions", tuple((str(n), int(b)) for n, b in self.regions))
+        object.__setattr__(self, "groups", tuple(
+            g if isinstance(g, PlacedGroup) else PlacedGroup(**g) for g in self.groups))
+        if self.page_nbytes < 1:
+            raise LayoutError(f"placement.page_nbytes must be >= 1, got {self.page_nbytes}")
+        if self.pack_align < 1:
+            raise LayoutError(f"placement.pack_align must be >= 1, got {self.pack_align}")
+        for g in self.groups:
+            if not 0 <= g.region < len(self.regions):
+                raise LayoutError(f"placement: layer {g.layer} {'/'.join(g.tensors)}: region "
+                                  f"{g.region} outside the {len(self.regions)} regions")
+
+
+@dataclass(frozen=True)
 class CacheConfig:
     num_blocks: int = 16
     block_tokens: int | None = None         # None: derived (page padding) or 16
@@ -53,8 +95,11 @@ class CacheConfig:
     ssm_dtype: str | None = None            # None: the model's ssm dtype (fp32 by default)
     page_padding: bool = False
     layer_interleave: bool = False          # one region per tensor shape, layers interleaved
+    placement: Placement | None = None      # another engine's memory, as data (vllm/)
 
     def __post_init__(self):
+        if isinstance(self.placement, dict):
+            object.__setattr__(self, "placement", Placement(**self.placement))
         # Accept the enums' string values at the edge, keep enums inside.
         if isinstance(self.conv_layout, str):
             object.__setattr__(self, "conv_layout", _enum(ConvLayout, self.conv_layout, "conv_layout"))
@@ -316,6 +361,8 @@ class EngineLayout:
         return self._ranks[r]
 
     def _build_rank(self, r: int) -> RankLayout:
+        if self.cache.placement is not None:
+            return self._build_rank_placed(r)
         if self.cache.layer_interleave:
             return self._build_rank_interleaved(r)
         t, regions, tensors = self.tp_size, [], []
@@ -363,6 +410,43 @@ class EngineLayout:
             regions.append(Region(f"L{first}-{last}x{n}.{name}", first, nbytes,
                                   paged=groups[0][0].paged))
         return RankLayout(r, tuple(regions), tuple(tensors))
+
+    def _build_rank_placed(self, r: int) -> RankLayout:
+        """Regions and tensors where the placement says they are (another engine's caches)."""
+        p, t, m, kbt = self.cache.placement, self.tp_size, self.kernel_blocks_per_block, \
+            self.kernel_block_tokens
+        placed = {(g.layer, g.tensors[0]): g for g in p.groups}
+        regions = tuple(Region(name, -1, nbytes) for name, nbytes in p.regions)
+        tensors = []
+        for group in self.tensor_groups:
+            where = f"layer {group[0].layer} {'/'.join(x.name for x in group)}"
+            g = placed.pop((group[0].layer, group[0].name), None)
+            if g is None or g.tensors != tuple(x.name for x in group):
+                raise LayoutError(f"placement: no group for {where}"
+                                  + (f" (it lists {'/'.join(g.tensors)})" if g else ""))
+            page = p.page_nbytes // m if group[0].paged else p.page_nbytes
+            off = 0
+            for i, tensor in enumerate(group):
+                off = -(-off // p.pack_align) * p.pack_align
+                order = g.orders[i] if i < len(g.orders) and g.orders[i] else \
+                    tuple(d.name for d in tensor.dims)
+                tl = _placed_tensor_layout(tensor, t, r, g.region, g.base + off, order, page,
+                                           self.num_blocks * (m if tensor.paged else 1),
+                                           kbt if tensor.paged else 0)
+                off += tl.block_nbytes
+                tensors.append(tl)
+            if off > page:
+                raise LayoutError(f"placement: {where} needs {off} bytes a block on rank {r}, "
+                                  f"more than page_nbytes {p.page_nbytes}"
+                                  + (f" / {m} kernel blocks" if group[0].paged else ""))
+            end = g.base + (self.num_blocks * m if group[0].paged else self.num_blocks) * page
+            if end > regions[g.region].nbytes:
+                raise LayoutError(f"placement: {where} ends at byte {end}, past region "
+                                  f"{regions[g.region].name} ({regions[g.region].nbytes} bytes)")
+        if placed:
+            raise LayoutError(f"placement: groups for tensors the model lacks: "
+                              f"{sorted(placed)[:3]}")
+        return RankLayout(r, regions, tuple(tensors))
 
     def token_slots(self, attn_blocks, num_tokens: int):
         """(kernel block, row in it) of tokens 0..num_tokens-1 of a request whose logical
@@ -544,6 +628,31 @@ def _tensor_layout(t: StateTensor, tp: int, r: int, region: int, base: int, num_
         offsets.append(acc_el)
         acc_el += (b - a) * s.unit_size
     axes = tuple(Axis(d.name, e, s) for d, e, s in zip(t.dims, extents, strides))
+    return TensorLayout(t, region, base, axes, tuple(units), tuple(offsets), itemsize)
+
+
+def _placed_tensor_layout(t: StateTensor, tp: int, r: int, region: int, base: int,
+                          order: tuple[str, ...], page_nbytes: int, num_blocks: int,
+                          kernel_tokens: int) -> TensorLayout:
+    """Row-major strides over `order` (outermost first); the block stride is the page."""
+    names = [d.name for d in t.dims]
+    if sorted(order) != sorted(names):
+        raise LayoutError(f"placement: layer {t.layer} {t.name} order {list(order)}; "
+                          f"allowed: a permutation of {names}")
+    itemsize = DTYPE_BYTES[t.dtype]
+    extents = dict(zip(names, _extents(t, tp, r, {BLOCK: num_blocks, TOKEN: kernel_tokens})))
+    strides, acc = {}, itemsize
+    for name in reversed(order):
+        if name == BLOCK:
+            continue
+        strides[name], acc = acc, acc * extents[name]
+    strides[BLOCK] = page_nbytes
+    units = _local_units(t, tp, r)
+    offsets, acc_el = [], 0
+    for s, (a, b) in zip(t.segments, units):
+        offsets.append(acc_el)
+        acc_el += (b - a) * s.unit_size
+    axes = tuple(Axis(n, extents[n], strides[n]) for n in names)
     return TensorLayout(t, region, base, axes, tuple(units), tuple(offsets), itemsize)
 
 

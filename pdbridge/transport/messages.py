@@ -69,6 +69,7 @@ class ReadDone(_Message, tag="read_done"):
     decode_rank: int
     ok: bool = True
     detail: str = ""
+    readers: int = 0        # ReadDones the request gets in all (vllm/: the decode TP); 0: unsaid
 
 
 class LeaseRenew(_Message, tag="lease_renew"):

@@ -36,6 +36,9 @@ class Sources:
                 if not tl.tensor.paged:
                     stride = tl.axis(BLOCK).stride
                     allowed[tl.region][blocks.state_block * stride:(blocks.state_block + 1) * stride] = True
+                    # A placed tensor (spec Placement) may sit anywhere in a shared buffer.
+                    start = tl.base + blocks.state_block * stride
+                    allowed[tl.region][start:start + tl.block_nbytes] = True
             self.buffers[p], self.allowed[p] = bufs, allowed
 
 
