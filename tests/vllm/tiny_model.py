@@ -1,0 +1,57 @@
+"""Run with the vLLM environment's python (its transformers is the one vLLM loads with):
+
+    tiny_model.py make DIR N_GROUPS     a tiny random NemotronH that vLLM's CPU kernels run
+    tiny_model.py greedy DIR N PROMPT   transformers' greedy tokens (JSON) for a JSON prompt
+"""
+import json
+import sys
+
+
+def make(path: str, n_groups: int, seed: int = 0) -> None:
+    import torch
+    import transformers as tf
+    from pdbridge.serve.tokenizer import byte_tokenizer_json
+    # head_dim 32: the smallest the CPU attention kernel takes; layers M A M A give vLLM one
+    # attention and one Mamba KV cache group.
+    cfg = tf.NemotronHConfig(
+        vocab_size=256, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=32, intermediate_size=64, ssm_state_size=16, mamba_num_heads=4,
+        mamba_head_dim=16, n_groups=n_groups, conv_kernel=4, chunk_size=16,
+        initializer_range=0.3, layers_block_type=["mamba", "attention", "mamba", "attention"],
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, max_position_embeddings=512)
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(cfg).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in ("dt_bias", "A_log"):      # away from init constants and dt clamps
+                p.uniform_(-1.0, 1.0)
+            elif leaf == "D":
+                p.normal_(0.0, 1.0)
+    model.save_pretrained(path)
+    with open(f"{path}/tokenizer.json", "w") as f:
+        f.write(byte_tokenizer_json())
+    with open(f"{path}/tokenizer_config.json", "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 512}, f)
+
+
+def greedy(path: str, n: int, prompts: list[list[int]]) -> list[list[int]]:
+    import torch
+    import transformers as tf
+    torch.set_num_threads(1)
+    model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    out = []
+    for p in prompts:      # argmax of full forwards: generate() would mask EOS (min_new_tokens)
+        ids = list(p)
+        with torch.no_grad():
+            for _ in range(n):
+                ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+        out.append(ids[len(p):])
+    return out
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "make":
+        make(sys.argv[2], int(sys.argv[3]))
+    else:
+        print(json.dumps(greedy(sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4]))))
