@@ -238,8 +238,14 @@ class _Worker:
         regions = tuple(RegionAddr(b.data_ptr(), b.numel()) for b in self.buffers)
         meta = RankMetadata(conn.engine_id, self.rank, self.layout, self.transport.metadata(),
                             regions)
-        self.server = MetadataServer(meta, bind=f"tcp://{conn.host}:{conn.port + self.rank}",
-                                     key=key)
+        port = conn.port + self.rank
+        try:
+            self.server = MetadataServer(meta, bind=f"tcp://{conn.host}:{port}", key=key)
+        except Exception as e:
+            self.transport.close()
+            raise RuntimeError(f"VLLM_NIXL_SIDE_CHANNEL_PORT={conn.port}: rank {self.rank} "
+                               f"cannot listen on {conn.host}:{port} ({e}); give every server "
+                               f"its own range of TP-size ports") from None
         self.directory = PeerDirectory(self.layout, conn.engine_id, self.rank,
                                        timeout_s=conn.timeout_s, strategy=Strategy.DIRECT,
                                        add_peer=self.transport.add_peer, key=key)
