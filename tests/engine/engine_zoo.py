@@ -28,14 +28,23 @@ def tiny_hybrid_dir(path, n_groups: int = 1, seed: int = 0) -> str:
         intermediate_size=40, ssm_state_size=8, mamba_num_heads=4, mamba_head_dim=8,
         n_groups=n_groups, conv_kernel=4, chunk_size=8, initializer_range=0.3,
         layers_block_type=["mamba", "attention", "mlp", "mamba"])
+    model = random_model(cfg, seed)
+    model.save_pretrained(str(path))
+    return str(path)
+
+
+def random_model(cfg, seed: int = 0):
+    """An fp32 model from `cfg` with its SSM parameters away from their init constants and
+    dt clamps (so a wrong state shows in the tokens)."""
+    import torch
+    import transformers as tf
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(cfg).float().eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             leaf = name.rsplit(".", 1)[-1]
-            if leaf in ("dt_bias", "A_log"):      # away from init constants and dt clamps
+            if leaf in ("dt_bias", "A_log"):
                 p.uniform_(-1.0, 1.0)
             elif leaf == "D":
                 p.normal_(0.0, 1.0)
-    model.save_pretrained(str(path))
-    return str(path)
+    return model

@@ -15,11 +15,11 @@ import httpx
 START_S = 240.0         # a generous bound on start-up (2 cores shared by the suite)
 
 
-def free_ports(n: int) -> int:
+def free_ports(n: int, high: int = 60000) -> int:
     """A base port with n consecutive ports free on 127.0.0.1 now."""
     import random
     for _ in range(200):
-        base = random.randrange(20000, 60000 - n)
+        base = random.randrange(20000, high - n)
         socks = []
         try:
             for p in range(base, base + n):

@@ -103,3 +103,15 @@ def test_unknown_attention_backends_refuse():
                     "FLASH_ATTN" if v.attention else "") for v in views]
     with pytest.raises(LayoutError, match="attention backend 'FLASH_ATTN'; allowed: CPU_ATTN"):
         vllm_layout(hf_config(1), 1, BLOCKS, 128, "SD", "float32", "float32", odd)
+
+
+def test_the_package_imports_without_vllm_and_names_what_is_missing():
+    import importlib.util
+
+    import pdbridge.vllm
+    assert pdbridge.vllm.__doc__ and "kv_connector_module_path" in pdbridge.vllm.__doc__
+    if importlib.util.find_spec("vllm") is None:
+        with pytest.raises(ImportError, match="vllm"):
+            pdbridge.vllm.PdbridgeConnector
+    with pytest.raises(AttributeError):
+        pdbridge.vllm.NoSuchThing

@@ -4,11 +4,11 @@
     tiny_model.py greedy DIR N PROMPT   transformers' greedy tokens (JSON) for a JSON prompt
 """
 import json
+import os
 import sys
 
 
 def make(path: str, n_groups: int, seed: int = 0) -> None:
-    import torch
     import transformers as tf
     from pdbridge.serve.tokenizer import byte_tokenizer_json
     # head_dim 32: the smallest the CPU attention kernel takes; layers M A M A give vLLM one
@@ -19,15 +19,9 @@ def make(path: str, n_groups: int, seed: int = 0) -> None:
         mamba_head_dim=16, n_groups=n_groups, conv_kernel=4, chunk_size=16,
         initializer_range=0.3, layers_block_type=["mamba", "attention", "mamba", "attention"],
         bos_token_id=1, eos_token_id=2, pad_token_id=0, max_position_embeddings=512)
-    torch.manual_seed(seed)
-    model = tf.AutoModelForCausalLM.from_config(cfg).float().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf in ("dt_bias", "A_log"):      # away from init constants and dt clamps
-                p.uniform_(-1.0, 1.0)
-            elif leaf == "D":
-                p.normal_(0.0, 1.0)
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "engine"))
+    from engine_zoo import random_model
+    model = random_model(cfg, seed)
     model.save_pretrained(path)
     with open(f"{path}/tokenizer.json", "w") as f:
         f.write(byte_tokenizer_json())

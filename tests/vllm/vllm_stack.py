@@ -13,6 +13,9 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "serve"))
+from http_stack import free_ports  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 VLLM_VENV = Path(os.environ.get("PDBRIDGE_VLLM_VENV", ROOT / ".venv-vllm"))
 VLLM_BIN = VLLM_VENV / "bin" / "vllm"
@@ -31,30 +34,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def free_range(n: int = 8) -> int:
-    """A base port whose next n ports are free, below Linux's ephemeral range (32768+), where
-    vLLM's own ephemeral sockets cannot take them between this check and the bind."""
-    import random
-    while True:
-        base = random.randrange(20000, 32000 - n)
-        try:
-            socks = []
-            for p in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-
-
 class Server:
     def __init__(self, model: str, tp: int, connector: dict | None, log_path: Path,
                  conv_layout: str = "SD", env: dict | None = None, blocks: int = 64):
-        self.port, self.side_port = free_port(), free_range()
+        # Side channels below Linux's ephemeral range (32768+), where vLLM's own ephemeral
+        # sockets cannot take them between this check and the bind.
+        self.port, self.side_port = free_port(), free_ports(8, high=32000)
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [str(VLLM_BIN), "serve", model, "--dtype", "float32", "--enforce-eager",
                "-tp", str(tp), "--distributed-executor-backend", "mp", "--host", "127.0.0.1",
