@@ -88,8 +88,10 @@ class Server:
             return json.loads(r.read())
 
     def model_name(self) -> str:
-        with urllib.request.urlopen(self.url + "/v1/models", timeout=10) as r:
-            return json.loads(r.read())["data"][0]["id"]
+        if not getattr(self, "_model", None):
+            with urllib.request.urlopen(self.url + "/v1/models", timeout=120) as r:
+                self._model = json.loads(r.read())["data"][0]["id"]
+        return self._model
 
     def stop(self) -> None:
         if self.proc.poll() is None:
