@@ -12,8 +12,9 @@ prompt token and go on. Each decode rank then tells every prefill rank it is don
 (ReadDone with `readers` = its TP size), and each prefill worker frees the request's blocks
 once all decode ranks said so, or when the lease runs out.
 
-Threads and sockets: each worker owns one transport and one metadata server (its side channel
-at VLLM_NIXL_SIDE_CHANNEL_PORT + tp rank) and closes both in `shutdown`. Reads run in
+Threads and sockets: each worker owns one transport, one metadata server (its side channel
+at VLLM_NIXL_SIDE_CHANNEL_PORT + tp rank) and one poller thread (NIXL's passive side needs
+progress), and closes all three in `shutdown`. Reads run in
 start_load_kv, on vLLM's worker thread; a failed read (transfer, peer gone, geometry) is
 logged in one line and reports the request's blocks as failed, and vLLM's
 kv_load_failure_policy decides (its default, "fail", fails that request; "recompute"
@@ -24,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from typing import Any
 
@@ -47,6 +49,8 @@ from .wire import ParamsError, Recv, RemotePrefill, StepMeta
 log = logging.getLogger("vllm").getChild("pdbridge")    # vLLM's handlers print it
 DEFAULT_LEASE_S = 60.0
 DEFAULT_TIMEOUT_S = 30.0
+POLL_INTERVAL_S = 0.001
+MAX_INBOX = 4096            # notifications kept from one poll; a flood beyond is dropped
 
 
 class PdbridgeMeta(KVConnectorMetadata):
@@ -190,9 +194,6 @@ class PdbridgeConnector(KVConnectorBase_V1, SupportsHMA):
     def get_transfer_results(self, finished_req_ids) -> KVConnectorTransferResults:
         return self.worker.results() if self.worker else KVConnectorTransferResults()
 
-    def get_block_ids_with_load_errors(self) -> set[int]:
-        return self.worker.take_failed_blocks() if self.worker else set()
-
     def shutdown(self):
         if getattr(self, "worker", None) is not None:
             self.worker.close()
@@ -254,10 +255,30 @@ class _Worker:
         self._readers: dict[str, int] = {}
         self._recving_done: set[str] = set()
         self._recving_failed: set[str] = set()
-        self._failed_blocks: set[int] = set()
+        # The passive side of NIXL progresses only when polled (REFERENCE.md), and vLLM
+        # steps an idle prefill engine too rarely for that: one thread polls every ms,
+        # sharing the agent with this worker's own reads under one lock.
+        self._agent_lock, self._inbox_lock = threading.Lock(), threading.Lock()
+        self._inbox: list[bytes] = []
+        self._stop = threading.Event()
+        self._poller = threading.Thread(target=self._poll, daemon=True,
+                                        name=f"pdbridge-vllm-poll-{self.rank}")
+        self._poller.start()
         self.stats = {"reads": 0, "descriptors": 0, "nbytes": 0, "seconds": 0.0}
         log.info("pdbridge.vllm rank %d: layout %s, %d regions, side channel %s", self.rank,
                  self.layout.digest, len(self.buffers), self.server.endpoint)
+
+    def _poll(self) -> None:
+        while not self._stop.wait(POLL_INTERVAL_S):
+            with self._agent_lock:
+                try:
+                    got = self.transport.get_notifications()
+                except Exception as e:
+                    log.warning("polling notifications: %s", e)
+                    continue
+            if got:
+                with self._inbox_lock:
+                    self._inbox.extend(blob for _, blob in got[:MAX_INBOX])
 
     # decode side: read what the step asks for
     def step(self, meta: StepMeta) -> None:
@@ -281,8 +302,10 @@ class _Worker:
                                   remote.remote_state_block),
                     RequestBlocks(n, tuple(recv.attn_blocks), recv.state_block),
                     Strategy.DIRECT)
-                execute_plan(self.transport, plan, {r: peers[r] for r in plan.source_ranks()},
-                             self.buffers, None, self.conn.timeout_s)
+                with self._agent_lock:
+                    execute_plan(self.transport, plan,
+                                 {r: peers[r] for r in plan.source_ranks()}, self.buffers,
+                                 None, self.conn.timeout_s)
                 self.stats["reads"] += 1
                 self.stats["descriptors"] += plan.num_descriptors
                 self.stats["nbytes"] += plan.total_nbytes
@@ -297,9 +320,9 @@ class _Worker:
             ok, detail = False, f"{type(e).__name__}: {e}"
             log.error("request %s: reading from %s failed: %s", recv.request_id,
                       remote.remote_engine_id, detail)
+            # By request, not by block: vLLM refuses block-level failures with several KV
+            # cache groups (it raised and killed the engine core when we reported blocks).
             self._recving_failed.add(recv.request_id)
-            self._failed_blocks.update(recv.attn_blocks)
-            self._failed_blocks.add(recv.state_block)
         if not recv.notify_only:
             self._recving_done.add(recv.request_id)
         self._notify(remote, ReadDone(remote.remote_request_id, self.conn.engine_id, self.rank,
@@ -314,14 +337,17 @@ class _Worker:
         blob = encode(msg)
         for r in range(remote.remote_tp_size):
             try:
-                self.transport.notify(peer_name(remote.remote_engine_id, r), blob)
+                with self._agent_lock:
+                    self.transport.notify(peer_name(remote.remote_engine_id, r), blob)
             except Exception as e:
                 log.warning("ReadDone to %s rank %d: %s (its lease frees the blocks)",
                             remote.remote_engine_id, r, e)
 
     # prefill side: which requests every decode rank is done with
     def results(self) -> KVConnectorTransferResults:
-        for _, blob in self.transport.get_notifications():
+        with self._inbox_lock:
+            inbox, self._inbox = self._inbox, []
+        for blob in inbox:
             try:
                 msg = decode(blob)
             except ProtocolError:
@@ -346,10 +372,6 @@ class _Worker:
         self._recving_done, self._recving_failed = set(), set()
         return out
 
-    def take_failed_blocks(self) -> set[int]:
-        out, self._failed_blocks = self._failed_blocks, set()
-        return out
-
     def _write_stats(self) -> None:
         """With PDBRIDGE_VLLM_STATS=PREFIX, this rank's read totals go to PREFIX.<rank>.json
         (the benchmark reads them)."""
@@ -359,6 +381,8 @@ class _Worker:
                 json.dump(self.stats, f)
 
     def close(self) -> None:
+        self._stop.set()
+        self._poller.join(1.0)
         self.server.close()
         self.transport.close()
 
