@@ -49,3 +49,21 @@ def test_pd_tokens_equal_transformers_and_monolithic_vllm(models, tmp_path, p_tp
                                 f"{len(prompt)} tokens:\n{s['decode'].tail()}")
         log = s["decode"].log_path.read_text(errors="replace")
         assert "reading from" not in log, "a read failed (and was not retried)"
+
+
+def test_a_prefill_server_gone_before_the_read_fails_the_request_and_nothing_else(models, tmp_path):
+    """The prefill server is killed after it returned kv_transfer_params: the decode call
+    gets an error (vLLM's default kv_load_failure_policy, fail) within the connector's
+    timeout, the decode server stays up and serves the next request correctly."""
+    import urllib.error
+    model, want = models[1]
+    cfg = {**PDBRIDGE, "kv_connector_extra_config": {"timeout_s": 5}}
+    specs = [("prefill", model, 1, cfg, "SD"), ("decode", model, 2, cfg, "SD")]
+    with servers(specs, tmp_path) as s:
+        params = s["prefill"].complete(PROMPTS[1], 1, {"do_remote_decode": True})["kv_transfer_params"]
+        s["prefill"].stop()
+        with pytest.raises(urllib.error.HTTPError):
+            s["decode"].complete(PROMPTS[1], NEW, params)
+        log = s["decode"].log_path.read_text(errors="replace")
+        assert "reading from" in log and "failed" in log, "the failed read was not reported"
+        assert s["decode"].complete(PROMPTS[2], NEW)["choices"][0]["token_ids"] == want[2]

@@ -17,7 +17,7 @@ def make(path: str, n_groups: int, seed: int = 0, arch: str = "nemotron_h") -> N
         cfg = tf.Lfm2Config(vocab_size=256, hidden_size=64, intermediate_size=128,
                             num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=2,
                             conv_L_cache=3, block_auto_adjust_ff_dim=False,
-                            initializer_range=0.3, max_position_embeddings=512,
+                            initializer_range=0.1, max_position_embeddings=512,
                             layer_types=["conv", "full_attention", "conv", "full_attention"])
         cfg.conv_dim = cfg.block_dim = 64       # the LFM2 release configs' keys vLLM reads
     else:
