@@ -1,8 +1,16 @@
 """DecodeNode: a decode engine (TP = d worker processes) that starts requests from state pulled
 off a prefill engine, and falls back to recomputing the prompt when a pull fails.
 
-Each decode rank plans and pulls its own reads (PDRank.pull); the last prompt token then runs
-as an ordinary decode step (query_len 1, context N-1) in the engine's decode batch.
+Each decode rank plans and pulls its own reads (DecodeRank.pull), asked over its rank channel
+(engine/rank_channel.py) rather than through the TP group; the last prompt token then runs as
+an ordinary decode step (query_len 1, context N-1) in the engine's decode batch.
+
+Errors split two ways. A transfer that fails (read error, timeout, prefill peer gone, checksum
+mismatch) goes to the failure policy: recompute here, or fail the request (PullFailed). A
+geometry or configuration that can never work (the prefill layout does not meet this one,
+another protocol version) is refused at once, in one line naming the field (TransferRefused):
+recomputing would hide a broken deployment. A decode worker that dies (EngineError) fails the
+request with that error, and its blocks are freed.
 
 Push mode (`transfer_mode="push"`): blocks are allocated first and their table sent to the
 prefill engine (`push_target`), whose ranks write into them layer by layer; `await_push`
@@ -14,9 +22,10 @@ import enum
 import itertools
 from dataclasses import dataclass
 
-from pdbridge.engine.llm_engine import Engine, RequestHandle
+from pdbridge.engine.llm_engine import Engine, EngineError, RequestHandle
 from pdbridge.engine.pd_calls import (AwaitPush, ChooseStrategy, PDSetup, Pull, PullResult,
-                                     PushTarget)
+                                     PushTarget, StrategyChoice)
+from pdbridge.engine.rank_channel import RankChannel
 from pdbridge.engine.request import SamplingParams
 from pdbridge.plan import PUSH_STRATEGIES, Strategy, parse_strategy
 from pdbridge.plan.strategies import STAGE_ALIGN
@@ -29,6 +38,9 @@ from pdbridge.transport.side_channel_key import SideChannelKey, load_key
 from .transfer_params import TransferParams
 
 _ENGINE_IDS = itertools.count()
+CHANNEL_SLACK_S = 5.0       # beyond a pull's own deadlines, before a rank counts as silent
+# A prefill server's refusals that no retry or recompute can cure: its protocol differs.
+REFUSED_FIELDS = ("protocol_version",)
 
 
 class OnFailure(enum.Enum):
@@ -53,6 +65,11 @@ class PullFailed(RuntimeError):
     """A request's state could not be pulled and the node is set to fail, not recompute."""
 
 
+class TransferRefused(Exception):
+    """The prefill and decode engines can never transfer (geometry, configuration): the
+    message names the field. Not a transfer failure, so never recomputed around."""
+
+
 @dataclass(frozen=True)
 class PullOutcome:
     request_id: int             # the decode engine's id of the request that now runs
@@ -67,6 +84,11 @@ class PullOutcome:
     @property
     def descriptors(self) -> int:
         return sum(r.descriptors for r in self.results)
+
+    @property
+    def rank_pull_s(self) -> float:
+        """The slowest decode rank's own pull time (on that rank: plan, read, notify)."""
+        return max((r.seconds for r in self.results), default=0.0)
 
     @property
     def errors(self) -> list[str]:
@@ -100,7 +122,9 @@ class DecodeNode:
         infos = self.engine.call(PDSetup("decode", self.engine_id, transport, nbytes,
                                          pull_timeout_s, self.transfer_mode.value,
                                          secret=self.key.secret))
-        self.agents = [i.agent_metadata for i in sorted(infos, key=lambda i: i.rank)]
+        infos = sorted(infos, key=lambda i: i.rank)
+        self.agents = [i.agent_metadata for i in infos]
+        self.channel = RankChannel([i.channel for i in infos])
 
     @property
     def tp_size(self) -> int:
@@ -109,7 +133,8 @@ class DecodeNode:
     def prefill_layout(self, params: TransferParams) -> dict:
         """The prefill engine's EngineLayout (as a dict, for the ranks' calls), taken from
         its rank 0's handshake once per digest and checked against `params.layout_digest`:
-        the layout never rides in TransferParams. HandshakeError if it cannot be had."""
+        the layout never rides in TransferParams. HandshakeError if it cannot be had (a
+        transfer failure), TransferRefused if it can never meet this engine's."""
         d = self._prefill_layouts.get(params.layout_digest)
         if d is None:
             try:
@@ -122,8 +147,9 @@ class DecodeNode:
                                   f"{self.pull_timeout_s:g} s (gone, or another "
                                   f"side-channel secret)") from None
             if isinstance(reply, ErrorReply):
-                raise HandshakeError(f"prefill engine {params.engine_id} refused: "
-                                     f"{reply.field}: {reply.detail}")
+                kind = TransferRefused if reply.field in REFUSED_FIELDS else HandshakeError
+                raise kind(f"prefill engine {params.engine_id} refused: "
+                           f"{reply.field}: {reply.detail}")
             if not isinstance(reply, MetadataReply):
                 raise HandshakeError(f"prefill engine {params.engine_id}: unexpected reply "
                                      f"{type(reply).__name__}")
@@ -131,7 +157,7 @@ class DecodeNode:
             try:                        # refuse naming the field, before any rank pulls
                 check_compatible(layout, self.layout, Strategy.AUTO)
             except GeometryMismatch as e:
-                raise HandshakeError(f"prefill engine {params.engine_id}: {e}") from None
+                raise TransferRefused(f"prefill engine {params.engine_id}: {e}") from None
             if layout.digest != params.layout_digest:
                 raise HandshakeError(f"prefill engine {params.engine_id}: its layout digest "
                                      f"{layout.digest} is not the {params.layout_digest} the "
@@ -151,15 +177,27 @@ class DecodeNode:
         not plan is left out: its pull fails with the reason, then recomputes or fails."""
         if self.strategy is not Strategy.AUTO:
             return {j: self.strategy for j in range(self.tp_size)}
-        try:
-            prefill_layout = self.prefill_layout(params)
-        except HandshakeError:
+        prefill_layout, _ = self._prefill_layout_or_refuse(handle, params)
+        if prefill_layout is None:
             return {}                   # no rank can plan; the pull fails with the reason
         b = handle.blocks
-        choices = self.engine.call(ChooseStrategy(
+        choices = self._ask_ranks(handle, ChooseStrategy(
             prefill_layout, params.prefill_blocks, (b.num_tokens, b.attn_blocks, b.state_block),
-            self.strategy))
-        return {c.rank: c.strategy for c in choices if not c.error}
+            self.strategy), StrategyChoice, self.pull_timeout_s)
+        return {j: c.strategy for j, c in choices.items() if not c.error}
+
+    def _ask_ranks(self, handle: RequestHandle, request, reply_type: type,
+                   timeout_s: float) -> dict:
+        """Every decode rank's answer over the rank channel (rank -> reply; a rank that did
+        not answer in time is missing). A dead worker fails the request: its blocks are
+        freed and the EngineError says what died."""
+        try:
+            return self.channel.call_all(request, reply_type, timeout_s,
+                                         self.engine.check_alive)
+        except EngineError as e:
+            self.engine.abort(handle.request_id)
+            raise EngineError(f"decode engine {self.engine_id}: {e}; request aborted, "
+                              f"its blocks freed") from e
 
     def pull(self, handle: RequestHandle, params: TransferParams,
              scratch_bases: dict[int, dict[int, int]] | None = None,
@@ -177,16 +215,19 @@ class DecodeNode:
                              f"computed {params.num_tokens}")
         if strategies is None:
             strategies = self.choose_strategies(handle, params)
-        try:
-            prefill_layout = self.prefill_layout(params)
-        except HandshakeError as e:             # peer gone, refused, or another geometry
-            return self.fail_transfer(handle, str(e))
-        results = tuple(sorted(self.engine.call(Pull(
+        prefill_layout, error = self._prefill_layout_or_refuse(handle, params)
+        if prefill_layout is None:
+            return self.fail_transfer(handle, error)
+        # Each rank reads within pull_timeout_s after a handshake of at most as long.
+        answers = self._ask_ranks(handle, Pull(
             params.request_id, params.engine_id, prefill_layout, params.endpoints,
             params.prefill_blocks, (b.num_tokens, b.attn_blocks, b.state_block),
-            self.strategy.value, scratch_bases or {}, self.pull_timeout_s, renew_every_s,
-            strategies, (checksums or {}) if self.checksums else None)),
-            key=lambda r: r.rank))
+            self.strategy, scratch_bases or {}, self.pull_timeout_s, renew_every_s,
+            strategies, (checksums or {}) if self.checksums else None), PullResult,
+            2 * self.pull_timeout_s + CHANNEL_SLACK_S)
+        results = tuple(answers.get(j) or PullResult(
+            j, False, f"no answer within {2 * self.pull_timeout_s + CHANNEL_SLACK_S:g} s")
+            for j in range(self.tp_size))
         if all(r.ok for r in results):
             self.engine.state_arrived(handle.request_id)
             return PullOutcome(handle.request_id, True, False, results)
@@ -214,10 +255,9 @@ class DecodeNode:
         if b.num_tokens != params.num_tokens:
             raise ValueError(f"decode blocks hold {b.num_tokens} tokens, the prefill engine "
                              f"computed {params.num_tokens}")
-        try:
-            prefill_layout = self.prefill_layout(params)
-        except HandshakeError as e:
-            return self.fail_transfer(handle, str(e))
+        prefill_layout, error = self._prefill_layout_or_refuse(handle, params)
+        if prefill_layout is None:
+            return self.fail_transfer(handle, error)
         results = tuple(sorted(self.engine.call(AwaitPush(
             target.push_id, params.engine_id, prefill_layout, params.prefill_blocks,
             target.decode_blocks, self.pull_timeout_s, self.checksums)),
@@ -226,6 +266,18 @@ class DecodeNode:
             self.engine.state_arrived(handle.request_id)
             return PullOutcome(handle.request_id, True, False, results)
         return self._failed(handle, results)
+
+    def _prefill_layout_or_refuse(self, handle: RequestHandle, params: TransferParams
+                                  ) -> tuple[dict | None, str]:
+        """The prefill layout, or None and why after a handshake failure (for the failure
+        policy); a refusal frees the request's blocks and is raised."""
+        try:
+            return self.prefill_layout(params), ""
+        except HandshakeError as e:             # peer gone, stalled, another secret
+            return None, str(e)
+        except TransferRefused:
+            self.engine.abort(handle.request_id)
+            raise
 
     def fail_transfer(self, handle: RequestHandle, detail: str) -> PullOutcome:
         """A transfer that failed before any rank pulled (the prefill side's part of it, over
@@ -243,6 +295,7 @@ class DecodeNode:
         return PullOutcome(rid, False, True, results)
 
     def close(self) -> None:
+        self.channel.close()
         self.engine.close()
 
 
