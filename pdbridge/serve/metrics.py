@@ -29,6 +29,12 @@ class ServeMetrics:
         self.transfer_seconds = Histogram("pdbridge_transfer_seconds",
                                           "decode server: request to its state in place",
                                           buckets=_TIME_BUCKETS, registry=r)
+        self.transfer_queued_seconds = Histogram(
+            "pdbridge_transfer_queued_seconds", "of the transfer stage: waiting for the decode "
+            "server's engine loop", buckets=_TIME_BUCKETS, registry=r)
+        self.pull_seconds = Histogram("pdbridge_pull_seconds", "the slowest decode rank's own "
+                                      "pull (plan, read, notify)", buckets=_TIME_BUCKETS,
+                                      registry=r)
         self.failures = Counter("pdbridge_failures", "failures by reason", ["reason"], registry=r)
         self.recomputed = Counter("pdbridge_recomputed", "requests recomputed after a failed "
                                   "transfer", registry=r)

@@ -25,7 +25,7 @@ from pdbridge.plan import Strategy
 from pdbridge.spec import CacheConfig
 
 from . import wire
-from .decode_node import DecodeNode, OnFailure, PullFailed
+from .decode_node import DecodeNode, OnFailure, PullFailed, TransferRefused
 from .engine_loop import EngineLoop
 from .prefill_node import PrefillNode
 from .tokenizer import read_files
@@ -179,10 +179,10 @@ class NodeService:
         self._retry_backlog()
 
     async def prepare_permute(self, req: wire.PermuteRequest) -> wire.PermuteBases:
-        strategies = {int(j): Strategy(s) for j, s in req.strategies.items()}
         params = self._held_params(req.request_id)
         bases = await asyncio.wrap_future(self.loop.call(lambda n: n.prepare_permute(
-            params, req.decode_engine_id, req.decode_layout, req.decode_blocks, strategies)))
+            params, req.decode_engine_id, req.decode_layout, req.decode_blocks,
+            req.strategies)))
         return wire.PermuteBases(bases)
 
     async def digest_reads(self, req: wire.DigestRequest) -> wire.ReadDigests:
@@ -203,7 +203,7 @@ class NodeService:
         sampling = req.sampling.params()
         self.check_request(req.prompt_ids, sampling.max_tokens)
         stream = _TokenStream()
-        t0 = time.perf_counter()
+        t0 = t_start = time.perf_counter()
 
         if req.params is None:                  # nothing was prefilled: compute it here
             async for event in self.generate(wire.GenerateRequest(req.prompt_ids, req.sampling)):
@@ -212,8 +212,10 @@ class NodeService:
 
         def start(node: DecodeNode) -> None:
             def attempt() -> bool:
+                nonlocal t_start
                 if stream.cancelled:
                     return True             # the client left while it waited
+                t_start = time.perf_counter()
                 try:
                     handle = node.allocate(req.prompt_ids, sampling)
                 except EngineFull:
@@ -223,7 +225,7 @@ class NodeService:
                     return True
                 try:
                     outcome = self._pull(node, handle, req)
-                except BaseException as e:      # PullFailed (on_failure=fail), EngineError
+                except BaseException as e:      # PullFailed, TransferRefused, EngineError
                     stream.fail(e)
                     return True
                 stream.request_id = outcome.request_id
@@ -231,7 +233,7 @@ class NodeService:
                     outcome.nbytes, outcome.descriptors, time.perf_counter() - t0,
                     outcome.recomputed, tuple(sorted({r.strategy for r in outcome.results
                                                       if r.strategy})),
-                    tuple(outcome.errors)))
+                    tuple(outcome.errors), queued_s=t_start - t0, pull_s=outcome.rank_pull_s))
                 self.loop.watch(outcome.request_id, self._sink(stream))
                 return True
             if self._backlog or not attempt():
@@ -251,12 +253,14 @@ class NodeService:
             if Strategy.PERMUTE in strategies.values():
                 out = self._post(req.prefill_url, "/pd/prepare_permute", wire.PermuteRequest(
                     params.request_id, node.engine_id, node.layout_dict, decode_blocks,
-                    {j: s.value for j, s in strategies.items()}), wire.PermuteBases)
+                    strategies), wire.PermuteBases)
                 bases = out.bases
             digests = None
             if node.checksums:
                 digests = self._post(req.prefill_url, "/pd/digest_reads", wire.DigestRequest(
                     params.request_id, node.layout_dict, decode_blocks), wire.ReadDigests).digests
+        except TransferRefused:
+            raise                               # never recomputed around (decode_node.py)
         except (httpx.HTTPError, RuntimeError, ValueError) as e:
             return node.fail_transfer(handle, f"before the pull: {e}")
         return node.pull(handle, params, bases, renew_every_s=params.lease_s / 3,
@@ -388,7 +392,8 @@ class _TokenStream:
 
     def fail(self, error: BaseException) -> None:
         kind = "bad_request" if isinstance(error, (RequestTooLarge, BadRequest)) else \
-            "transfer_failed" if isinstance(error, PullFailed) else "engine_error"
+            "transfer_failed" if isinstance(error, PullFailed) else \
+            "refused" if isinstance(error, TransferRefused) else "engine_error"
         self.put(wire.TokenEvent(error=f"{kind}: {error}"))
 
     async def get(self) -> wire.TokenEvent:

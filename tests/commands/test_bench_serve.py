@@ -60,5 +60,8 @@ def test_bench_serve_runs_both_deployments(capsys, tmp_path):
     res = json.loads(capsys.readouterr().out)
     assert res["pd"]["requests"] == res["both"]["requests"] == 8
     assert res["pd"]["recomputed"] == 0 and res["pd"]["transfer_over_bare"] > 0
+    # The decode ranks' pull is a part of the end-to-end stage, and so is the queueing.
+    assert 0 < res["pd"]["pull_s_mean"] <= res["pd"]["transfer_s_mean"]
+    assert 0 <= res["pd"]["transfer_queued_s_mean"] <= res["pd"]["transfer_s_mean"]
     assert plot.stat().st_size > 0
     assert res["pd"]["peak_rss_mib"] > res["both"]["peak_rss_mib"] > 0    # 3 servers vs 1
