@@ -172,10 +172,8 @@ class NodeService:
     def _idle(self) -> None:
         if self.config.role is Role.PREFILL:
             self.node.poll()
-            if self.node.released:          # a server runs for days: keep nothing released
-                for rel in self.node.released:
-                    self._held.pop(rel.request_id, None)
-                self.node.released.clear()
+            for rel in self.node.take_released():   # a server runs for days: keep none
+                self._held.pop(rel.request_id, None)
         self._retry_backlog()
 
     async def prepare_permute(self, req: wire.PermuteRequest) -> wire.PermuteBases:
