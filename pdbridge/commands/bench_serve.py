@@ -7,7 +7,8 @@ run on the same transport; and the peak resident memory of each deployment's pro
 
 The transfer stage is reported two ways, side by side: end to end (the decode server: request
 received -> its state in place: waiting for the engine loop, strategy choice, the prefill
-side's part, the pull, as a client sees it), with the part spent waiting for the engine loop;
+side's part, the pull, as a client sees it), with the part spent waiting (for the engine loop
+and the transfer thread: steps, earlier transfers);
 and the decode ranks' own pull (the slowest rank: plan, metadata, reads, ReadDone).
 
 Each deployment runs alone (started, measured, stopped), so the two do not share cores.
@@ -280,7 +281,7 @@ def format_table(res: dict) -> str:
                  f"(recomputed: {pd['recomputed']})")
     lines.append(f"transfer stage, end to end (decode server: request received -> state in "
                  f"place): mean {pd['transfer_s_mean'] * 1e3:.2f} ms, ratio to bare "
-                 f"{pd['transfer_over_bare']:.1f}; of it waiting for the engine loop "
+                 f"{pd['transfer_over_bare']:.1f}; of it waiting (engine loop, transfer thread) "
                  f"{pd['transfer_queued_s_mean'] * 1e3:.2f} ms")
     lines.append(f"decode ranks' own pull (slowest rank: plan, metadata, reads, ReadDone): "
                  f"mean {pd['pull_s_mean'] * 1e3:.2f} ms, ratio to bare "

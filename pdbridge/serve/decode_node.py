@@ -175,29 +175,23 @@ class DecodeNode:
         ranks decide `auto` (their cost model, their plans); the prefill side is told the
         result (PrefillNode.prepare_permute) and the pull plans with it. A rank that could
         not plan is left out: its pull fails with the reason, then recomputes or fails."""
+        return self._freeing_on_error(handle, lambda: self.rank_strategies(handle, params))
+
+    def rank_strategies(self, handle: RequestHandle, params: TransferParams
+                        ) -> dict[int, Strategy]:
+        """choose_strategies without touching the engine, so any thread may ask: on
+        TransferRefused or EngineError the caller frees the request (abort)."""
         if self.strategy is not Strategy.AUTO:
             return {j: self.strategy for j in range(self.tp_size)}
-        prefill_layout, _ = self._prefill_layout_or_refuse(handle, params)
-        if prefill_layout is None:
+        try:
+            prefill_layout = self.prefill_layout(params)
+        except HandshakeError:
             return {}                   # no rank can plan; the pull fails with the reason
         b = handle.blocks
-        choices = self._ask_ranks(handle, ChooseStrategy(
+        choices = self._ask_ranks(ChooseStrategy(
             prefill_layout, params.prefill_blocks, (b.num_tokens, b.attn_blocks, b.state_block),
             self.strategy), StrategyChoice, self.pull_timeout_s)
         return {j: c.strategy for j, c in choices.items() if not c.error}
-
-    def _ask_ranks(self, handle: RequestHandle, request, reply_type: type,
-                   timeout_s: float) -> dict:
-        """Every decode rank's answer over the rank channel (rank -> reply; a rank that did
-        not answer in time is missing). A dead worker fails the request: its blocks are
-        freed and the EngineError says what died."""
-        try:
-            return self.channel.call_all(request, reply_type, timeout_s,
-                                         self.engine.check_alive)
-        except EngineError as e:
-            self.engine.abort(handle.request_id)
-            raise EngineError(f"decode engine {self.engine_id}: {e}; request aborted, "
-                              f"its blocks freed") from e
 
     def pull(self, handle: RequestHandle, params: TransferParams,
              scratch_bases: dict[int, dict[int, int]] | None = None,
@@ -209,29 +203,62 @@ class DecodeNode:
         pulled state, or (on any failure) recomputes its prompt here, or fails, as configured.
         With checksums on, `checksums` is PrefillNode.digest_reads (none given: every
         source fails its check)."""
+        if strategies is None:
+            strategies = self.choose_strategies(handle, params)
+        results = self._freeing_on_error(handle, lambda: self.pull_results(
+            handle, params, scratch_bases, renew_every_s, strategies, checksums))
+        return self.finish_pull(handle, results)
+
+    def pull_results(self, handle: RequestHandle, params: TransferParams,
+                     scratch_bases: dict[int, dict[int, int]] | None, renew_every_s: float,
+                     strategies: dict[int, Strategy],
+                     checksums: dict[int, dict[int, int]] | None) -> tuple[PullResult, ...]:
+        """The decode ranks' pulls, one result per rank, touching no engine state: a server
+        runs this off its engine loop, then finish_pull on it. A handshake that fails is
+        every rank's failed result; TransferRefused and EngineError are raised (the caller
+        frees the request)."""
         b = handle.blocks
         if b.num_tokens != params.num_tokens:
             raise ValueError(f"decode blocks hold {b.num_tokens} tokens, the prefill engine "
                              f"computed {params.num_tokens}")
-        if strategies is None:
-            strategies = self.choose_strategies(handle, params)
-        prefill_layout, error = self._prefill_layout_or_refuse(handle, params)
-        if prefill_layout is None:
-            return self.fail_transfer(handle, error)
+        try:
+            prefill_layout = self.prefill_layout(params)
+        except HandshakeError as e:             # peer gone, stalled, another secret
+            return self._all_failed(str(e))
         # Each rank reads within pull_timeout_s after a handshake of at most as long.
-        answers = self._ask_ranks(handle, Pull(
+        timeout_s = 2 * self.pull_timeout_s + CHANNEL_SLACK_S
+        answers = self._ask_ranks(Pull(
             params.request_id, params.engine_id, prefill_layout, params.endpoints,
             params.prefill_blocks, (b.num_tokens, b.attn_blocks, b.state_block),
             self.strategy, scratch_bases or {}, self.pull_timeout_s, renew_every_s,
-            strategies, (checksums or {}) if self.checksums else None), PullResult,
-            2 * self.pull_timeout_s + CHANNEL_SLACK_S)
-        results = tuple(answers.get(j) or PullResult(
-            j, False, f"no answer within {2 * self.pull_timeout_s + CHANNEL_SLACK_S:g} s")
-            for j in range(self.tp_size))
+            strategies, (checksums or {}) if self.checksums else None), PullResult, timeout_s)
+        return tuple(answers.get(j) or PullResult(j, False, f"no answer within {timeout_s:g} s")
+                     for j in range(self.tp_size))
+
+    def finish_pull(self, handle: RequestHandle, results: tuple[PullResult, ...]) -> PullOutcome:
+        """After pull_results: decode from the pulled state, or recompute, or fail."""
         if all(r.ok for r in results):
             self.engine.state_arrived(handle.request_id)
             return PullOutcome(handle.request_id, True, False, results)
         return self._failed(handle, results)
+
+    def _ask_ranks(self, request, reply_type: type, timeout_s: float) -> dict:
+        """Every decode rank's answer over the rank channel (rank -> reply; a rank that did
+        not answer in time is missing). EngineError if a rank's process died."""
+        try:
+            return self.channel.call_all(request, reply_type, timeout_s,
+                                         self.engine.check_alive)
+        except EngineError as e:
+            raise EngineError(f"decode engine {self.engine_id}: {e}; request aborted, "
+                              f"its blocks freed") from e
+
+    def _freeing_on_error(self, handle: RequestHandle, fn):
+        """fn(), freeing the request's blocks if it is refused or a worker died."""
+        try:
+            return fn()
+        except (TransferRefused, EngineError):
+            self.engine.abort(handle.request_id)
+            raise
 
     # ---- push mode ----------------------------------------------------------------------
 
@@ -255,35 +282,23 @@ class DecodeNode:
         if b.num_tokens != params.num_tokens:
             raise ValueError(f"decode blocks hold {b.num_tokens} tokens, the prefill engine "
                              f"computed {params.num_tokens}")
-        prefill_layout, error = self._prefill_layout_or_refuse(handle, params)
-        if prefill_layout is None:
-            return self.fail_transfer(handle, error)
+        try:
+            prefill_layout = self._freeing_on_error(handle, lambda: self.prefill_layout(params))
+        except HandshakeError as e:
+            return self.fail_transfer(handle, str(e))
         results = tuple(sorted(self.engine.call(AwaitPush(
             target.push_id, params.engine_id, prefill_layout, params.prefill_blocks,
             target.decode_blocks, self.pull_timeout_s, self.checksums)),
             key=lambda r: r.rank))
-        if all(r.ok for r in results):
-            self.engine.state_arrived(handle.request_id)
-            return PullOutcome(handle.request_id, True, False, results)
-        return self._failed(handle, results)
-
-    def _prefill_layout_or_refuse(self, handle: RequestHandle, params: TransferParams
-                                  ) -> tuple[dict | None, str]:
-        """The prefill layout, or None and why after a handshake failure (for the failure
-        policy); a refusal frees the request's blocks and is raised."""
-        try:
-            return self.prefill_layout(params), ""
-        except HandshakeError as e:             # peer gone, stalled, another secret
-            return None, str(e)
-        except TransferRefused:
-            self.engine.abort(handle.request_id)
-            raise
+        return self.finish_pull(handle, results)
 
     def fail_transfer(self, handle: RequestHandle, detail: str) -> PullOutcome:
         """A transfer that failed before any rank pulled (the prefill side's part of it, over
         the network): recompute or fail, as for a failed pull."""
-        return self._failed(handle, tuple(PullResult(j, False, detail)
-                                          for j in range(self.tp_size)))
+        return self._failed(handle, self._all_failed(detail))
+
+    def _all_failed(self, detail: str) -> tuple[PullResult, ...]:
+        return tuple(PullResult(j, False, detail) for j in range(self.tp_size))
 
     def _failed(self, handle: RequestHandle, results: tuple[PullResult, ...]) -> PullOutcome:
         req = self.engine.request(handle.request_id)

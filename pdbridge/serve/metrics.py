@@ -31,7 +31,7 @@ class ServeMetrics:
                                           buckets=_TIME_BUCKETS, registry=r)
         self.transfer_queued_seconds = Histogram(
             "pdbridge_transfer_queued_seconds", "of the transfer stage: waiting for the decode "
-            "server's engine loop", buckets=_TIME_BUCKETS, registry=r)
+            "server's engine loop and transfer thread", buckets=_TIME_BUCKETS, registry=r)
         self.pull_seconds = Histogram("pdbridge_pull_seconds", "the slowest decode rank's own "
                                       "pull (plan, read, notify)", buckets=_TIME_BUCKETS,
                                       registry=r)

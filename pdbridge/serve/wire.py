@@ -125,7 +125,8 @@ class TransferStats(_Wire):
     recomputed: bool
     strategies: tuple[str, ...] = ()
     errors: tuple[str, ...] = ()
-    queued_s: float = 0.0       # of `seconds`: waiting for the engine loop (steps, backlog)
+    queued_s: float = 0.0       # of `seconds`: waiting for the engine loop and the transfer
+                                # thread (steps, backlog, earlier transfers)
     pull_s: float = 0.0         # the slowest decode rank's own pull: plan, read, notify
 
 
