@@ -25,10 +25,12 @@ from typing import Callable, Union
 import msgspec
 import zmq
 
+from pdbridge.transport.handshake import serve_until
+
 from .pd_calls import ChooseStrategy, Pull, RankRequest
 
 log = logging.getLogger(__name__)
-POLL_MS = 50                # how often the server thread looks at its stop flag
+POLL_MS = 50                # the node's wait: how often it checks the ranks are alive
 _requests = msgspec.msgpack.Decoder(Union[ChooseStrategy, Pull])
 
 
@@ -49,14 +51,7 @@ class RankChannelServer:
         self._thread.start()
 
     def _loop(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._sock, zmq.POLLIN)
-        try:
-            while not self._stop.is_set():
-                if poller.poll(POLL_MS):
-                    self._serve_one()
-        finally:
-            self._sock.close(linger=0)
+        serve_until(self._sock, self._stop, self._serve_one)
 
     def _serve_one(self) -> None:
         frames = self._sock.recv_multipart()
