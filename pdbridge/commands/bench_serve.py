@@ -97,6 +97,34 @@ def _metric(text: str, name: str) -> float:
     return 0.0
 
 
+def _buckets(text: str, name: str) -> dict[float, float]:
+    """A Prometheus histogram's cumulative bucket counts: upper bound -> count."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(name + "_bucket{"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            out[float(le)] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def histogram_median(before: str, after: str, name: str) -> float:
+    """The median of what a histogram observed between two scrapes, interpolated linearly
+    inside its bucket (so as fine as the buckets, 0.25 ms at the low end)."""
+    b0, b1 = _buckets(before, name), _buckets(after, name)
+    bounds = sorted(b1)
+    counts = [b1[le] - b0.get(le, 0.0) for le in bounds]
+    if not counts or counts[-1] <= 0:
+        return float("nan")
+    half, lo, below = counts[-1] / 2, 0.0, 0.0
+    for le, c in zip(bounds, counts):
+        if c >= half:
+            if le == float("inf"):
+                return lo
+            return lo + (le - lo) * (half - below) / max(c - below, 1e-12)
+        lo, below = le, c
+    return lo
+
+
 def bare_read_s(nbytes: int, reps: int = 50) -> float:
     """Median time of one single-descriptor NIXL read of nbytes plus its notification
     arriving at the other agent (the least any transfer stage can take on this transport)."""
@@ -238,6 +266,8 @@ def run_bench(cfg: ServeBenchConfig, progress=lambda m: None) -> dict:
     pd["transfer_s_mean"] = d["pdbridge_transfer_seconds_sum"] / n
     pd["transfer_queued_s_mean"] = d["pdbridge_transfer_queued_seconds_sum"] / n
     pd["pull_s_mean"] = d["pdbridge_pull_seconds_sum"] / n
+    pd["transfer_s_p50"] = histogram_median(before, after, "pdbridge_transfer_seconds")
+    pd["pull_s_p50"] = histogram_median(before, after, "pdbridge_pull_seconds")
     pd["transfer_bytes_mean"] = d["pdbridge_transfer_bytes_total"] / n
     pd["recomputed"] = int(d["pdbridge_recomputed_total"])
     pd["peak_rss_mib"] = pd_peak
@@ -246,6 +276,8 @@ def run_bench(cfg: ServeBenchConfig, progress=lambda m: None) -> dict:
     pd["bare_read_s"] = bare
     pd["transfer_over_bare"] = pd["transfer_s_mean"] / bare
     pd["pull_over_bare"] = pd["pull_s_mean"] / bare
+    pd["transfer_p50_over_bare"] = pd["transfer_s_p50"] / bare
+    pd["pull_p50_over_bare"] = pd["pull_s_p50"] / bare
 
     port = _port()
     progress(f"starting pdbridge serve --role both (TP={cfg.decode_tp})")
@@ -281,11 +313,13 @@ def format_table(res: dict) -> str:
                  f"(recomputed: {pd['recomputed']})")
     lines.append(f"transfer stage, end to end (decode server: request received -> state in "
                  f"place): mean {pd['transfer_s_mean'] * 1e3:.2f} ms, ratio to bare "
-                 f"{pd['transfer_over_bare']:.1f}; of it waiting (engine loop, transfer thread) "
-                 f"{pd['transfer_queued_s_mean'] * 1e3:.2f} ms")
+                 f"{pd['transfer_over_bare']:.1f}; median {pd['transfer_s_p50'] * 1e3:.2f} ms, "
+                 f"ratio {pd['transfer_p50_over_bare']:.1f}; of the mean, waiting (engine "
+                 f"loop, transfer thread) {pd['transfer_queued_s_mean'] * 1e3:.2f} ms")
     lines.append(f"decode ranks' own pull (slowest rank: plan, metadata, reads, ReadDone): "
                  f"mean {pd['pull_s_mean'] * 1e3:.2f} ms, ratio to bare "
-                 f"{pd['pull_over_bare']:.1f}")
+                 f"{pd['pull_over_bare']:.1f}; median {pd['pull_s_p50'] * 1e3:.2f} ms, ratio "
+                 f"{pd['pull_p50_over_bare']:.1f}")
     return "\n".join(lines)
 
 
