@@ -100,7 +100,8 @@ class DecodeRank(RankBase):
                                 plan.total_nbytes, plan.num_descriptors)
         except Exception as e:
             result = PullResult(self.rank, False, f"{type(e).__name__}: {e}",
-                                plan.strategy.value if plan else "", plan.source_ranks() if plan else [])
+                                plan.strategy.value if plan else "",
+                                plan.source_ranks() if plan else [])
         t4 = time.perf_counter()
         self._notify_sources(call, result)
         phases.notify_s = time.perf_counter() - t4
