@@ -1,9 +1,15 @@
 """`pdbridge bench serve`: N concurrent streaming clients with mixed prompt lengths against
 `pdbridge up` (P/D disaggregated) and against one `pdbridge serve --role both` on the same
 machine, in one run: time to first token p50 / p99, output tokens/s, and the transfer stage
-(decode server: request received -> its state in place) divided by one bare NIXL read of the
-same bytes plus its notification, measured in the same run on the same transport; and the
-peak resident memory of each deployment's processes (servers and TP workers together).
+divided by one bare NIXL read of the same bytes plus its notification, measured in the same
+run on the same transport; and the peak resident memory of each deployment's processes
+(servers and TP workers together).
+
+The transfer stage is reported two ways, side by side: end to end (the decode server: request
+received -> its state in place: waiting for the engine loop, strategy choice, the prefill
+side's part, the pull, as a client sees it), with the part spent waiting (for the engine loop
+and the transfer thread: steps, earlier transfers);
+and the decode ranks' own pull (the slowest rank: plan, metadata, reads, ReadDone).
 
 Each deployment runs alone (started, measured, stopped), so the two do not share cores.
 """
@@ -89,6 +95,34 @@ def _metric(text: str, name: str) -> float:
         if line.startswith(name + " ") or line.startswith(name + "{"):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+def _buckets(text: str, name: str) -> dict[float, float]:
+    """A Prometheus histogram's cumulative bucket counts: upper bound -> count."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(name + "_bucket{"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            out[float(le)] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def histogram_median(before: str, after: str, name: str) -> float:
+    """The median of what a histogram observed between two scrapes, interpolated linearly
+    inside its bucket (so as fine as the buckets, 0.25 ms at the low end)."""
+    b0, b1 = _buckets(before, name), _buckets(after, name)
+    bounds = sorted(b1)
+    counts = [b1[le] - b0.get(le, 0.0) for le in bounds]
+    if not counts or counts[-1] <= 0:
+        return float("nan")
+    half, lo, below = counts[-1] / 2, 0.0, 0.0
+    for le, c in zip(bounds, counts):
+        if c >= half:
+            if le == float("inf"):
+                return lo
+            return lo + (le - lo) * (half - below) / max(c - below, 1e-12)
+        lo, below = le, c
+    return lo
 
 
 def bare_read_s(nbytes: int, reps: int = 50) -> float:
@@ -226,9 +260,14 @@ def run_bench(cfg: ServeBenchConfig, progress=lambda m: None) -> dict:
         _stop(up)
     d = {k: _metric(after, k) - _metric(before, k) for k in (
         "pdbridge_transfer_seconds_sum", "pdbridge_transfer_seconds_count",
+        "pdbridge_transfer_queued_seconds_sum", "pdbridge_pull_seconds_sum",
         "pdbridge_transfer_bytes_total", "pdbridge_recomputed_total")}
     n = max(1, d["pdbridge_transfer_seconds_count"])
     pd["transfer_s_mean"] = d["pdbridge_transfer_seconds_sum"] / n
+    pd["transfer_queued_s_mean"] = d["pdbridge_transfer_queued_seconds_sum"] / n
+    pd["pull_s_mean"] = d["pdbridge_pull_seconds_sum"] / n
+    pd["transfer_s_p50"] = histogram_median(before, after, "pdbridge_transfer_seconds")
+    pd["pull_s_p50"] = histogram_median(before, after, "pdbridge_pull_seconds")
     pd["transfer_bytes_mean"] = d["pdbridge_transfer_bytes_total"] / n
     pd["recomputed"] = int(d["pdbridge_recomputed_total"])
     pd["peak_rss_mib"] = pd_peak
@@ -236,6 +275,9 @@ def run_bench(cfg: ServeBenchConfig, progress=lambda m: None) -> dict:
     bare = bare_read_s(pd["transfer_bytes_mean"])
     pd["bare_read_s"] = bare
     pd["transfer_over_bare"] = pd["transfer_s_mean"] / bare
+    pd["pull_over_bare"] = pd["pull_s_mean"] / bare
+    pd["transfer_p50_over_bare"] = pd["transfer_s_p50"] / bare
+    pd["pull_p50_over_bare"] = pd["pull_s_p50"] / bare
 
     port = _port()
     progress(f"starting pdbridge serve --role both (TP={cfg.decode_tp})")
@@ -266,10 +308,18 @@ def format_table(res: dict) -> str:
                      f"{r['tokens_per_s']:.1f} | {r['wall_s']:.2f} | {r['peak_rss_mib']:.0f} |")
     lines.append(f"P/D / both: TTFT p50 {pd['ttft_p50_s'] / mono['ttft_p50_s']:.2f}x, "
                  f"throughput {pd['tokens_per_s'] / mono['tokens_per_s']:.2f}x")
-    lines.append(f"transfer stage: mean {pd['transfer_s_mean'] * 1e3:.2f} ms for "
-                 f"{pd['transfer_bytes_mean'] / 2**20:.3f} MiB; one bare NIXL read + "
-                 f"notification of those bytes {pd['bare_read_s'] * 1e3:.3f} ms; ratio "
-                 f"{pd['transfer_over_bare']:.1f} (recomputed: {pd['recomputed']})")
+    lines.append(f"one bare NIXL read + notification of the mean request's "
+                 f"{pd['transfer_bytes_mean'] / 2**20:.3f} MiB: {pd['bare_read_s'] * 1e3:.3f} ms "
+                 f"(recomputed: {pd['recomputed']})")
+    lines.append(f"transfer stage, end to end (decode server: request received -> state in "
+                 f"place): mean {pd['transfer_s_mean'] * 1e3:.2f} ms, ratio to bare "
+                 f"{pd['transfer_over_bare']:.1f}; median {pd['transfer_s_p50'] * 1e3:.2f} ms, "
+                 f"ratio {pd['transfer_p50_over_bare']:.1f}; of the mean, waiting (engine "
+                 f"loop, transfer thread) {pd['transfer_queued_s_mean'] * 1e3:.2f} ms")
+    lines.append(f"decode ranks' own pull (slowest rank: plan, metadata, reads, ReadDone): "
+                 f"mean {pd['pull_s_mean'] * 1e3:.2f} ms, ratio to bare "
+                 f"{pd['pull_over_bare']:.1f}; median {pd['pull_s_p50'] * 1e3:.2f} ms, ratio "
+                 f"{pd['pull_p50_over_bare']:.1f}")
     return "\n".join(lines)
 
 

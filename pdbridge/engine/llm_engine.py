@@ -184,6 +184,12 @@ class Engine:
         if len(digests) != 1:
             raise EngineError(f"ranks disagree on the cache layout: {digests}")
 
+    def check_alive(self) -> None:
+        """EngineError if the engine is closed or one of its TP worker processes has exited."""
+        if self._closed:
+            raise EngineError("the engine is closed")
+        self._raise_if_dead()
+
     def _raise_if_dead(self) -> None:
         for r, p in enumerate(self._procs, start=1):
             if p.exitcode is not None:

@@ -1,7 +1,11 @@
 """The worker calls of P/D disaggregation: what rank 0 of an engine asks every rank to do.
 
 Each call runs on every rank of one engine (`pdbridge.engine.messages`); the handler names a
-method of that rank's PDRank (`pd.<method>`), created by PDSetup.
+method of that rank's PrefillRank or DecodeRank (`pd.<method>`), created by PDSetup.
+
+`ChooseStrategy` and `Pull` are RankRequests instead: the decode node sends them to each
+decode rank over its rank channel (rank_channel.py), outside the TP group's lockstep calls,
+so a pull costs one socket round trip and does not wait for, or hold up, a model step.
 """
 from __future__ import annotations
 
@@ -38,14 +42,21 @@ class PDRankInfo(msgspec.Struct):
     endpoint: str               # prefill: the metadata server's address; decode: ""
     scratch_nbytes: int
     agent_metadata: bytes = b""     # this rank's transport metadata (push: decode ranks')
+    channel: str = ""               # decode: its rank channel's address (rank_channel.py)
 
 
-class ChooseStrategy(WorkerCall):
+class RankRequest(msgspec.Struct, tag=True):
+    """What the decode node asks one decode rank over its rank channel; `handler` names the
+    DecodeRank method that answers it."""
+    handler: ClassVar[str]
+
+
+class ChooseStrategy(RankRequest):
     """Decode ranks: plan this rank's reads of one request with `strategy` and report the
     concrete strategy the plan chose. `auto` is resolved here, once, by the decode side's
-    cost model; the prefill side is then told the choice instead of re-deciding it."""
-    handler: ClassVar[str] = "pd.choose_strategy"
-    collect: ClassVar[bool] = True
+    cost model; the prefill side is then told the choice instead of re-deciding it. The
+    plan is kept for the Pull that follows (DecodeRank's plan cache)."""
+    handler: ClassVar[str] = "choose_strategy"
     prefill_layout: dict[str, Any]          # EngineLayout.to_dict() of the prefill engine
     prefill_blocks: tuple[int, tuple[int, ...], int]   # RequestBlocks fields
     decode_blocks: tuple[int, tuple[int, ...], int]
@@ -125,18 +136,17 @@ class Notifications(msgspec.Struct):
     ages_s: list[float]
 
 
-class Pull(WorkerCall):
+class Pull(RankRequest):
     """Decode ranks: plan this rank's reads of one request and pull them; every rank of the
     decode engine runs it with the same arguments and plans for itself."""
-    handler: ClassVar[str] = "pd.pull"
-    collect: ClassVar[bool] = True
+    handler: ClassVar[str] = "pull"
     request_id: str
     prefill_engine_id: str
     prefill_layout: dict[str, Any]          # EngineLayout.to_dict() of the prefill engine
     endpoints: list[str]                    # metadata server of each prefill rank
     prefill_blocks: tuple[int, tuple[int, ...], int]
     decode_blocks: tuple[int, tuple[int, ...], int]
-    strategy: str
+    strategy: Strategy
     scratch_bases: dict[int, dict[int, int]] = {}   # prefill rank -> decode rank -> base
     timeout_s: float = 30.0
     renew_every_s: float = 0.0              # > 0: renew the prefill lease this often while reading
@@ -144,6 +154,16 @@ class Pull(WorkerCall):
     # Checksums on: prefill rank -> decode rank -> digest (DigestReads), compared after the
     # reads; None: off, nothing is digested.
     checksums: dict[int, dict[int, int]] | None = None
+
+
+class PullPhases(msgspec.Struct):
+    """One decode rank's pull, piece by piece (seconds on that rank)."""
+    plan_s: float = 0.0                     # plan_transfer, or 0 when the cached plan served
+    peers_s: float = 0.0                    # directory: metadata of the source ranks
+    read_s: float = 0.0                     # NIXL reads posted, waited, local restore
+    verify_s: float = 0.0                   # checksums
+    notify_s: float = 0.0                   # ReadDone to every source rank
+    plan_cached: bool = False
 
 
 class PullResult(msgspec.Struct):
@@ -154,7 +174,8 @@ class PullResult(msgspec.Struct):
     sources: list[int] = []
     nbytes: int = 0
     descriptors: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0                    # on this rank: the Pull's arrival to its end
+    phases: PullPhases | None = None        # where those seconds went (pull mode)
 
 
 # ---- push mode -------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ class Worker:
         self.spec, self.model = args.loader(args.model_dir, comm, self.device, args.dtype)
         self.layout = EngineLayout(self.spec, args.tp_size, args.cache_config)
         self.caches = PagedCaches(self.layout, rank, self.device)
-        self.pd = None          # PDRank, once a PDSetup call opened it
+        self.pd = None          # PrefillRank or DecodeRank, once a PDSetup call opened it
         self.running = True
 
     def handle(self, call: WorkerCall) -> Any:
@@ -67,11 +67,12 @@ class Worker:
         return snapshot(self.caches, call)
 
     def setup_pd(self, call) -> Any:
-        """Open this rank's P/D transfer agent (pdbridge.engine.pd_rank) on its caches."""
-        from .pd_rank import PDRank
+        """Open this rank's side of P/D (pdbridge.engine.pd_rank.open_rank) on its caches."""
+        from .pd_rank import open_rank
         if self.pd is not None:
             self.pd.close()
-        self.pd = PDRank(self, call)
+            self.pd = None
+        self.pd = open_rank(self, call)
         return self.pd.info()
 
     @torch.inference_mode()

@@ -1,8 +1,16 @@
 """DecodeNode: a decode engine (TP = d worker processes) that starts requests from state pulled
 off a prefill engine, and falls back to recomputing the prompt when a pull fails.
 
-Each decode rank plans and pulls its own reads (PDRank.pull); the last prompt token then runs
-as an ordinary decode step (query_len 1, context N-1) in the engine's decode batch.
+Each decode rank plans and pulls its own reads (DecodeRank.pull), asked over its rank channel
+(engine/rank_channel.py) rather than through the TP group; the last prompt token then runs as
+an ordinary decode step (query_len 1, context N-1) in the engine's decode batch.
+
+Errors split two ways. A transfer that fails (read error, timeout, prefill peer gone, checksum
+mismatch) goes to the failure policy: recompute here, or fail the request (PullFailed). A
+geometry or configuration that can never work (the prefill layout does not meet this one,
+another protocol version) is refused at once, in one line naming the field (TransferRefused):
+recomputing would hide a broken deployment. A decode worker that dies (EngineError) fails the
+request with that error, and its blocks are freed.
 
 Push mode (`transfer_mode="push"`): blocks are allocated first and their table sent to the
 prefill engine (`push_target`), whose ranks write into them layer by layer; `await_push`
@@ -14,9 +22,10 @@ import enum
 import itertools
 from dataclasses import dataclass
 
-from pdbridge.engine.llm_engine import Engine, RequestHandle
+from pdbridge.engine.llm_engine import Engine, EngineError, RequestHandle
 from pdbridge.engine.pd_calls import (AwaitPush, ChooseStrategy, PDSetup, Pull, PullResult,
-                                     PushTarget)
+                                     PushTarget, StrategyChoice)
+from pdbridge.engine.rank_channel import RankChannel
 from pdbridge.engine.request import SamplingParams
 from pdbridge.plan import PUSH_STRATEGIES, Strategy, parse_strategy
 from pdbridge.plan.strategies import STAGE_ALIGN
@@ -29,6 +38,9 @@ from pdbridge.transport.side_channel_key import SideChannelKey, load_key
 from .transfer_params import TransferParams
 
 _ENGINE_IDS = itertools.count()
+CHANNEL_SLACK_S = 5.0       # beyond a pull's own deadlines, before a rank counts as silent
+# A prefill server's refusals that no retry or recompute can cure: its protocol differs.
+REFUSED_FIELDS = ("protocol_version",)
 
 
 class OnFailure(enum.Enum):
@@ -53,6 +65,11 @@ class PullFailed(RuntimeError):
     """A request's state could not be pulled and the node is set to fail, not recompute."""
 
 
+class TransferRefused(Exception):
+    """The prefill and decode engines can never transfer (geometry, configuration): the
+    message names the field. Not a transfer failure, so never recomputed around."""
+
+
 @dataclass(frozen=True)
 class PullOutcome:
     request_id: int             # the decode engine's id of the request that now runs
@@ -67,6 +84,11 @@ class PullOutcome:
     @property
     def descriptors(self) -> int:
         return sum(r.descriptors for r in self.results)
+
+    @property
+    def rank_pull_s(self) -> float:
+        """The slowest decode rank's own pull time (on that rank: plan, read, notify)."""
+        return max((r.seconds for r in self.results), default=0.0)
 
     @property
     def errors(self) -> list[str]:
@@ -100,7 +122,9 @@ class DecodeNode:
         infos = self.engine.call(PDSetup("decode", self.engine_id, transport, nbytes,
                                          pull_timeout_s, self.transfer_mode.value,
                                          secret=self.key.secret))
-        self.agents = [i.agent_metadata for i in sorted(infos, key=lambda i: i.rank)]
+        infos = sorted(infos, key=lambda i: i.rank)
+        self.agents = [i.agent_metadata for i in infos]
+        self.channel = RankChannel([i.channel for i in infos])
 
     @property
     def tp_size(self) -> int:
@@ -109,7 +133,8 @@ class DecodeNode:
     def prefill_layout(self, params: TransferParams) -> dict:
         """The prefill engine's EngineLayout (as a dict, for the ranks' calls), taken from
         its rank 0's handshake once per digest and checked against `params.layout_digest`:
-        the layout never rides in TransferParams. HandshakeError if it cannot be had."""
+        the layout never rides in TransferParams. HandshakeError if it cannot be had (a
+        transfer failure), TransferRefused if it can never meet this engine's."""
         d = self._prefill_layouts.get(params.layout_digest)
         if d is None:
             try:
@@ -122,8 +147,9 @@ class DecodeNode:
                                   f"{self.pull_timeout_s:g} s (gone, or another "
                                   f"side-channel secret)") from None
             if isinstance(reply, ErrorReply):
-                raise HandshakeError(f"prefill engine {params.engine_id} refused: "
-                                     f"{reply.field}: {reply.detail}")
+                kind = TransferRefused if reply.field in REFUSED_FIELDS else HandshakeError
+                raise kind(f"prefill engine {params.engine_id} refused: "
+                           f"{reply.field}: {reply.detail}")
             if not isinstance(reply, MetadataReply):
                 raise HandshakeError(f"prefill engine {params.engine_id}: unexpected reply "
                                      f"{type(reply).__name__}")
@@ -131,7 +157,7 @@ class DecodeNode:
             try:                        # refuse naming the field, before any rank pulls
                 check_compatible(layout, self.layout, Strategy.AUTO)
             except GeometryMismatch as e:
-                raise HandshakeError(f"prefill engine {params.engine_id}: {e}") from None
+                raise TransferRefused(f"prefill engine {params.engine_id}: {e}") from None
             if layout.digest != params.layout_digest:
                 raise HandshakeError(f"prefill engine {params.engine_id}: its layout digest "
                                      f"{layout.digest} is not the {params.layout_digest} the "
@@ -149,6 +175,12 @@ class DecodeNode:
         ranks decide `auto` (their cost model, their plans); the prefill side is told the
         result (PrefillNode.prepare_permute) and the pull plans with it. A rank that could
         not plan is left out: its pull fails with the reason, then recomputes or fails."""
+        return self._freeing_on_error(handle, lambda: self.rank_strategies(handle, params))
+
+    def rank_strategies(self, handle: RequestHandle, params: TransferParams
+                        ) -> dict[int, Strategy]:
+        """choose_strategies without touching the engine, so any thread may ask: on
+        TransferRefused or EngineError the caller frees the request (abort)."""
         if self.strategy is not Strategy.AUTO:
             return {j: self.strategy for j in range(self.tp_size)}
         try:
@@ -156,10 +188,10 @@ class DecodeNode:
         except HandshakeError:
             return {}                   # no rank can plan; the pull fails with the reason
         b = handle.blocks
-        choices = self.engine.call(ChooseStrategy(
+        choices = self._ask_ranks(ChooseStrategy(
             prefill_layout, params.prefill_blocks, (b.num_tokens, b.attn_blocks, b.state_block),
-            self.strategy))
-        return {c.rank: c.strategy for c in choices if not c.error}
+            self.strategy), StrategyChoice, self.pull_timeout_s)
+        return {j: c.strategy for j, c in choices.items() if not c.error}
 
     def pull(self, handle: RequestHandle, params: TransferParams,
              scratch_bases: dict[int, dict[int, int]] | None = None,
@@ -171,26 +203,62 @@ class DecodeNode:
         pulled state, or (on any failure) recomputes its prompt here, or fails, as configured.
         With checksums on, `checksums` is PrefillNode.digest_reads (none given: every
         source fails its check)."""
+        if strategies is None:
+            strategies = self.choose_strategies(handle, params)
+        results = self._freeing_on_error(handle, lambda: self.pull_results(
+            handle, params, scratch_bases, renew_every_s, strategies, checksums))
+        return self.finish_pull(handle, results)
+
+    def pull_results(self, handle: RequestHandle, params: TransferParams,
+                     scratch_bases: dict[int, dict[int, int]] | None, renew_every_s: float,
+                     strategies: dict[int, Strategy],
+                     checksums: dict[int, dict[int, int]] | None) -> tuple[PullResult, ...]:
+        """The decode ranks' pulls, one result per rank, touching no engine state: a server
+        runs this off its engine loop, then finish_pull on it. A handshake that fails is
+        every rank's failed result; TransferRefused and EngineError are raised (the caller
+        frees the request)."""
         b = handle.blocks
         if b.num_tokens != params.num_tokens:
             raise ValueError(f"decode blocks hold {b.num_tokens} tokens, the prefill engine "
                              f"computed {params.num_tokens}")
-        if strategies is None:
-            strategies = self.choose_strategies(handle, params)
         try:
             prefill_layout = self.prefill_layout(params)
-        except HandshakeError as e:             # peer gone, refused, or another geometry
-            return self.fail_transfer(handle, str(e))
-        results = tuple(sorted(self.engine.call(Pull(
+        except HandshakeError as e:             # peer gone, stalled, another secret
+            return self._all_failed(str(e))
+        # Each rank reads within pull_timeout_s after a handshake of at most as long.
+        timeout_s = 2 * self.pull_timeout_s + CHANNEL_SLACK_S
+        answers = self._ask_ranks(Pull(
             params.request_id, params.engine_id, prefill_layout, params.endpoints,
             params.prefill_blocks, (b.num_tokens, b.attn_blocks, b.state_block),
-            self.strategy.value, scratch_bases or {}, self.pull_timeout_s, renew_every_s,
-            strategies, (checksums or {}) if self.checksums else None)),
-            key=lambda r: r.rank))
+            self.strategy, scratch_bases or {}, self.pull_timeout_s, renew_every_s,
+            strategies, (checksums or {}) if self.checksums else None), PullResult, timeout_s)
+        return tuple(answers.get(j) or PullResult(j, False, f"no answer within {timeout_s:g} s")
+                     for j in range(self.tp_size))
+
+    def finish_pull(self, handle: RequestHandle, results: tuple[PullResult, ...]) -> PullOutcome:
+        """After pull_results: decode from the pulled state, or recompute, or fail."""
         if all(r.ok for r in results):
             self.engine.state_arrived(handle.request_id)
             return PullOutcome(handle.request_id, True, False, results)
         return self._failed(handle, results)
+
+    def _ask_ranks(self, request, reply_type: type, timeout_s: float) -> dict:
+        """Every decode rank's answer over the rank channel (rank -> reply; a rank that did
+        not answer in time is missing). EngineError if a rank's process died."""
+        try:
+            return self.channel.call_all(request, reply_type, timeout_s,
+                                         self.engine.check_alive)
+        except EngineError as e:
+            raise EngineError(f"decode engine {self.engine_id}: {e}; request aborted, "
+                              f"its blocks freed") from e
+
+    def _freeing_on_error(self, handle: RequestHandle, fn):
+        """fn(), freeing the request's blocks if it is refused or a worker died."""
+        try:
+            return fn()
+        except (TransferRefused, EngineError):
+            self.engine.abort(handle.request_id)
+            raise
 
     # ---- push mode ----------------------------------------------------------------------
 
@@ -215,23 +283,22 @@ class DecodeNode:
             raise ValueError(f"decode blocks hold {b.num_tokens} tokens, the prefill engine "
                              f"computed {params.num_tokens}")
         try:
-            prefill_layout = self.prefill_layout(params)
+            prefill_layout = self._freeing_on_error(handle, lambda: self.prefill_layout(params))
         except HandshakeError as e:
             return self.fail_transfer(handle, str(e))
         results = tuple(sorted(self.engine.call(AwaitPush(
             target.push_id, params.engine_id, prefill_layout, params.prefill_blocks,
             target.decode_blocks, self.pull_timeout_s, self.checksums)),
             key=lambda r: r.rank))
-        if all(r.ok for r in results):
-            self.engine.state_arrived(handle.request_id)
-            return PullOutcome(handle.request_id, True, False, results)
-        return self._failed(handle, results)
+        return self.finish_pull(handle, results)
 
     def fail_transfer(self, handle: RequestHandle, detail: str) -> PullOutcome:
         """A transfer that failed before any rank pulled (the prefill side's part of it, over
         the network): recompute or fail, as for a failed pull."""
-        return self._failed(handle, tuple(PullResult(j, False, detail)
-                                          for j in range(self.tp_size)))
+        return self._failed(handle, self._all_failed(detail))
+
+    def _all_failed(self, detail: str) -> tuple[PullResult, ...]:
+        return tuple(PullResult(j, False, detail) for j in range(self.tp_size))
 
     def _failed(self, handle: RequestHandle, results: tuple[PullResult, ...]) -> PullOutcome:
         req = self.engine.request(handle.request_id)
@@ -243,6 +310,7 @@ class DecodeNode:
         return PullOutcome(rid, False, True, results)
 
     def close(self) -> None:
+        self.channel.close()
         self.engine.close()
 
 

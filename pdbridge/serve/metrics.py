@@ -6,7 +6,8 @@ from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram,
                                generate_latest)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-_TIME_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_TIME_BUCKETS = (0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
+                 2.5, 5, 10, 30, 60)
 
 
 class ServeMetrics:
@@ -29,6 +30,12 @@ class ServeMetrics:
         self.transfer_seconds = Histogram("pdbridge_transfer_seconds",
                                           "decode server: request to its state in place",
                                           buckets=_TIME_BUCKETS, registry=r)
+        self.transfer_queued_seconds = Histogram(
+            "pdbridge_transfer_queued_seconds", "of the transfer stage: waiting for the decode "
+            "server's engine loop and transfer thread", buckets=_TIME_BUCKETS, registry=r)
+        self.pull_seconds = Histogram("pdbridge_pull_seconds", "the slowest decode rank's own "
+                                      "pull (plan, read, notify)", buckets=_TIME_BUCKETS,
+                                      registry=r)
         self.failures = Counter("pdbridge_failures", "failures by reason", ["reason"], registry=r)
         self.recomputed = Counter("pdbridge_recomputed", "requests recomputed after a failed "
                                   "transfer", registry=r)

@@ -14,18 +14,19 @@ import asyncio
 import os
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
 import httpx
 
-from pdbridge.engine.llm_engine import Engine, EngineFull, StepOutput
+from pdbridge.engine.llm_engine import Engine, EngineError, EngineFull, StepOutput
 from pdbridge.engine.scheduler import RequestTooLarge
 from pdbridge.plan import Strategy
 from pdbridge.spec import CacheConfig
 
 from . import wire
-from .decode_node import DecodeNode, OnFailure, PullFailed
+from .decode_node import DecodeNode, OnFailure, PullFailed, TransferRefused
 from .engine_loop import EngineLoop
 from .prefill_node import PrefillNode
 from .tokenizer import read_files
@@ -99,12 +100,18 @@ class NodeService:
         # decode: requests waiting for blocks, each (attempt, its stream)
         self._backlog: deque[tuple[Callable[[], bool], "_TokenStream"]] = deque()
         self._http = httpx.Client(timeout=config.pull_timeout_s) if role is Role.DECODE else None
+        # decode: the one thread that runs transfers off the engine loop (and alone uses
+        # _http and the node's rank channel while the server runs)
+        self._transfers = ThreadPoolExecutor(1, thread_name_prefix="transfer") \
+            if role is Role.DECODE else None
         self.loop = EngineLoop(self.node, engine, name=f"engine-loop-{role.value}",
                                idle=self._idle, after_step=self._after_step,
                                on_broken=self._broken)
 
     def close(self) -> None:
         self.loop.close()
+        if self._transfers is not None:     # a running transfer ends within its deadlines
+            self._transfers.shutdown(wait=True, cancel_futures=True)
         if self._http is not None:
             self._http.close()
         self.node.close()
@@ -172,17 +179,15 @@ class NodeService:
     def _idle(self) -> None:
         if self.config.role is Role.PREFILL:
             self.node.poll()
-            if self.node.released:          # a server runs for days: keep nothing released
-                for rel in self.node.released:
-                    self._held.pop(rel.request_id, None)
-                self.node.released.clear()
+            for rel in self.node.take_released():   # a server runs for days: keep none
+                self._held.pop(rel.request_id, None)
         self._retry_backlog()
 
     async def prepare_permute(self, req: wire.PermuteRequest) -> wire.PermuteBases:
-        strategies = {int(j): Strategy(s) for j, s in req.strategies.items()}
         params = self._held_params(req.request_id)
         bases = await asyncio.wrap_future(self.loop.call(lambda n: n.prepare_permute(
-            params, req.decode_engine_id, req.decode_layout, req.decode_blocks, strategies)))
+            params, req.decode_engine_id, req.decode_layout, req.decode_blocks,
+            req.strategies)))
         return wire.PermuteBases(bases)
 
     async def digest_reads(self, req: wire.DigestRequest) -> wire.ReadDigests:
@@ -214,6 +219,7 @@ class NodeService:
             def attempt() -> bool:
                 if stream.cancelled:
                     return True             # the client left while it waited
+                waited_s = time.perf_counter() - t0
                 try:
                     handle = node.allocate(req.prompt_ids, sampling)
                 except EngineFull:
@@ -221,46 +227,71 @@ class NodeService:
                 except BaseException as e:
                     stream.fail(e)
                     return True
-                try:
-                    outcome = self._pull(node, handle, req)
-                except BaseException as e:      # PullFailed (on_failure=fail), EngineError
-                    stream.fail(e)
-                    return True
-                stream.request_id = outcome.request_id
-                stream.first(wire.TransferStats(
-                    outcome.nbytes, outcome.descriptors, time.perf_counter() - t0,
-                    outcome.recomputed, tuple(sorted({r.strategy for r in outcome.results
-                                                      if r.strategy})),
-                    tuple(outcome.errors)))
-                self.loop.watch(outcome.request_id, self._sink(stream))
+                self._transfers.submit(self._transfer, node, handle, req, stream, t0, waited_s,
+                                       time.perf_counter())
                 return True
             if self._backlog or not attempt():
                 self._backlog.append((attempt, stream))
         async for event in self._run(start, stream):
             yield event
 
-    def _pull(self, node: DecodeNode, handle, req: wire.TransferRequest):
-        """Strategies, the prefill side's part (permute, checksums) over HTTP, then the pull;
-        a failure before the pull goes to the failure policy like a failed pull."""
+    def _transfer(self, node: DecodeNode, handle, req: wire.TransferRequest,
+                  stream: "_TokenStream", t0: float, waited_s: float, t_submit: float) -> None:
+        """On the transfer thread: the part of a transfer that needs no engine (strategies,
+        the prefill side's part, the ranks' pulls), while the loop thread goes on stepping;
+        then the engine's part (_finish) back on the loop thread."""
+        waited_s += time.perf_counter() - t_submit
+        try:
+            verdict = self._pull_results(node, handle, req)
+        except BaseException as e:              # TransferRefused, EngineError
+            verdict = e
+        fut = self.loop.call(lambda n: self._finish(n, handle, stream, verdict, t0, waited_s))
+        fut.add_done_callback(lambda f: f.exception() is not None and stream.fail(f.exception()))
+
+    def _pull_results(self, node: DecodeNode, handle, req: wire.TransferRequest):
+        """The ranks' PullResults, or why the prefill side's part failed (a string, for the
+        failure policy). Refusals and dead workers are raised."""
         params = req.params
         b = handle.blocks
         decode_blocks = (b.num_tokens, b.attn_blocks, b.state_block)
         try:
-            strategies = node.choose_strategies(handle, params)
+            strategies = node.rank_strategies(handle, params)
             bases = {}
             if Strategy.PERMUTE in strategies.values():
-                out = self._post(req.prefill_url, "/pd/prepare_permute", wire.PermuteRequest(
+                bases = self._post(req.prefill_url, "/pd/prepare_permute", wire.PermuteRequest(
                     params.request_id, node.engine_id, node.layout_dict, decode_blocks,
-                    {j: s.value for j, s in strategies.items()}), wire.PermuteBases)
-                bases = out.bases
+                    strategies), wire.PermuteBases).bases
             digests = None
             if node.checksums:
                 digests = self._post(req.prefill_url, "/pd/digest_reads", wire.DigestRequest(
                     params.request_id, node.layout_dict, decode_blocks), wire.ReadDigests).digests
+        except (TransferRefused, EngineError):
+            raise                               # never recomputed around (decode_node.py)
         except (httpx.HTTPError, RuntimeError, ValueError) as e:
-            return node.fail_transfer(handle, f"before the pull: {e}")
-        return node.pull(handle, params, bases, renew_every_s=params.lease_s / 3,
-                         strategies=strategies, checksums=digests)
+            return f"before the pull: {e}"
+        return node.pull_results(handle, params, bases, params.lease_s / 3, strategies, digests)
+
+    def _finish(self, node: DecodeNode, handle, stream: "_TokenStream", verdict, t0: float,
+                waited_s: float) -> None:
+        """On the loop thread: decode from the pulled state, recompute, or fail."""
+        try:
+            if isinstance(verdict, BaseException):
+                node.engine.discard(handle.request_id)      # its blocks, freed once
+                raise verdict
+            outcome = node.fail_transfer(handle, verdict) if isinstance(verdict, str) \
+                else node.finish_pull(handle, verdict)
+        except BaseException as e:          # PullFailed, TransferRefused, EngineError
+            stream.fail(e)
+            return
+        if stream.cancelled:                # the client left during the transfer
+            self.engine.discard(outcome.request_id)
+            return
+        stream.request_id = outcome.request_id
+        stream.first(wire.TransferStats(
+            outcome.nbytes, outcome.descriptors, time.perf_counter() - t0, outcome.recomputed,
+            tuple(sorted({r.strategy for r in outcome.results if r.strategy})),
+            tuple(outcome.errors), queued_s=waited_s, pull_s=outcome.rank_pull_s))
+        self.loop.watch(outcome.request_id, self._sink(stream))
 
     def _post(self, base: str, path: str, body, kind):
         r = self._http.post(base.rstrip("/") + path, content=wire.encode(body),
@@ -388,7 +419,8 @@ class _TokenStream:
 
     def fail(self, error: BaseException) -> None:
         kind = "bad_request" if isinstance(error, (RequestTooLarge, BadRequest)) else \
-            "transfer_failed" if isinstance(error, PullFailed) else "engine_error"
+            "transfer_failed" if isinstance(error, PullFailed) else \
+            "refused" if isinstance(error, TransferRefused) else "engine_error"
         self.put(wire.TokenEvent(error=f"{kind}: {error}"))
 
     async def get(self) -> wire.TokenEvent:

@@ -46,7 +46,7 @@ def bad(param: str, message: str) -> ApiError:
 
 # Node stream errors are "<kind>: <message>" (node_service._TokenStream.fail).
 _ERROR_STATUS = {"bad_request": 400, "transfer_failed": 502, "engine_error": 500,
-                 "unavailable": 503}
+                 "refused": 500, "unavailable": 503}
 
 
 def stream_error(text: str) -> ApiError:
@@ -254,6 +254,8 @@ class Front:
                 if ev.transfer is not None:
                     m.transfer_bytes.inc(ev.transfer.nbytes)
                     m.transfer_seconds.observe(ev.transfer.seconds)
+                    m.transfer_queued_seconds.observe(ev.transfer.queued_s)
+                    m.pull_seconds.observe(ev.transfer.pull_s)
                     if ev.transfer.recomputed:
                         m.recomputed.inc()
                         m.failures.labels("transfer_recomputed").inc()

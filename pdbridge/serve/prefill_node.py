@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import secrets
 import time
+from collections import deque
 from typing import Callable
 
 from pdbridge.engine.llm_engine import Engine, RequestHandle
@@ -26,6 +27,7 @@ from .transfer_params import BlockTable, TransferParams
 
 _ENGINE_IDS = itertools.count()
 MAX_LEASE_FACTOR = 10       # default cap of a renewed lease, in lease lengths
+MAX_RELEASED = 1024         # releases kept for inspection (`released`); older ones are counted
 
 
 def request_id(engine_id: str) -> str:
@@ -40,7 +42,7 @@ class PrefillNode:
                  scratch_nbytes: int | None = None, timeout_s: float = 60.0,
                  clock: Callable[[], float] = time.monotonic, max_lease_s: float | None = None,
                  key: SideChannelKey | None = None, checksums: bool = False,
-                 side_channel_host: str = "127.0.0.1"):
+                 side_channel_host: str = "127.0.0.1", max_released: int = MAX_RELEASED):
         self.clock = clock                  # lease times: tests drive a fake clock
         self.key = key or load_key()        # the side channel's secret (side_channel_key.py)
         self.checksums = checksums          # digest what decode ranks read (digest_reads)
@@ -56,7 +58,9 @@ class PrefillNode:
                                          secret=self.key.secret,
                                          side_channel_host=side_channel_host))
         self.endpoints = [i.endpoint for i in sorted(infos, key=lambda i: i.rank)]
-        self.released: list[Release[RequestHandle]] = []
+        # The latest releases, oldest first: bounded, as a node serves for days.
+        self._released: deque[Release[RequestHandle]] = deque(maxlen=max_released)
+        self.num_released = 0
         self.pushed = 0                     # requests pushed (and freed at once)
 
     def prefill(self, prompt_ids, push_to: PushTarget | None = None) -> TransferParams:
@@ -134,8 +138,20 @@ class PrefillNode:
                                            params.prefill_blocks, decode_blocks))
         return {d.rank: dict(d.digests) for d in out}
 
+    @property
+    def released(self) -> list[Release[RequestHandle]]:
+        """The latest releases (at most max_released), oldest first."""
+        return list(self._released)
+
+    def take_released(self) -> list[Release[RequestHandle]]:
+        """The releases since the last take (a server forgets what it has handled)."""
+        out = list(self._released)
+        self._released.clear()
+        return out
+
     def poll(self) -> list[Release[RequestHandle]]:
-        """Apply the decode ranks' notifications and lease expiries; free released blocks."""
+        """Apply the decode ranks' notifications and lease expiries; free released blocks.
+        Returns `released`."""
         # Taken before the ranks answer, `now - age` is never later than the real arrival: a
         # renewal that arrived in time is never mistaken for a late one.
         now = self.clock()
@@ -157,7 +173,8 @@ class PrefillNode:
             return
         self.engine.release(rel.blocks)
         self.engine.call(ForgetRequest(rel.request_id))
-        self.released.append(rel)
+        self._released.append(rel)
+        self.num_released += 1
 
     @property
     def num_held(self) -> int:

@@ -5,6 +5,12 @@ decode blocks, name the readers, (permute: let prefill ranks gather), pull on ev
 rank, then the last prompt token runs as a decode step batched with the other running
 decodes. Per request it records the time to first token split into prefill / transfer /
 first decode step, and the bytes and descriptors moved.
+
+Errors split as on the HTTP path (decode_node.py): a prefill and a decode engine whose
+geometry can never meet, or a configuration that cannot work, is refused, in one line naming
+the field: at construction for what the nodes' layouts show, TransferRefused for what only
+the handshake shows. A transfer that fails -- the prefill side's part of it included -- goes
+to the decode node's failure policy (recompute, or PullFailed).
 """
 from __future__ import annotations
 
@@ -12,8 +18,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from pdbridge.engine.llm_engine import EngineError
 from pdbridge.engine.request import SamplingParams
 from pdbridge.plan import Strategy
+from pdbridge.transport.compat import GeometryMismatch, check_compatible
 
 from .decode_node import DecodeNode, TransferMode
 from .prefill_node import PrefillNode
@@ -54,6 +62,12 @@ class PDRouter:
         if wanting:
             raise ValueError(f"checksums=True on decode nodes {wanting} needs checksums=True on "
                              f"prefill node {prefill.engine_id}")
+        for node in decodes:
+            try:
+                check_compatible(prefill.layout, node.layout, node.strategy)
+            except GeometryMismatch as e:
+                raise ValueError(f"decode node {node.engine_id} cannot read prefill node "
+                                 f"{prefill.engine_id}: {e}") from None
         self.prefill, self.decodes = prefill, decodes
         self._progress = progress or (lambda msg: None)
 
@@ -83,19 +97,33 @@ class PDRouter:
         self.prefill.expect_readers(params, node.engine_id, node.tp_size)
         # The decode side decides (auto included); prefill prepares exactly that choice.
         strategies = node.choose_strategies(handle, params)
-        b = handle.blocks
-        decode_blocks = (b.num_tokens, b.attn_blocks, b.state_block)
-        bases = {}
-        if Strategy.PERMUTE in strategies.values():
-            bases = self.prefill.prepare_permute(params, node.engine_id, node.layout_dict,
-                                                 decode_blocks, strategies)
-        digests = self.prefill.digest_reads(params, node.layout_dict, decode_blocks) \
-            if node.checksums else None
-        outcome = node.pull(handle, params, bases, renew_every_s=params.lease_s / 3,
-                            strategies=strategies, checksums=digests)
+        try:
+            bases, digests = self._prefill_part(params, node, handle, strategies)
+        except EngineError as e:        # the prefill engine is gone: a failed transfer
+            outcome = node.fail_transfer(handle, f"before the pull: {e}")
+        else:
+            outcome = node.pull(handle, params, bases, renew_every_s=params.lease_s / 3,
+                                strategies=strategies, checksums=digests)
         t2 = time.perf_counter()
         self.prefill.poll()
         return self._record(rec, node, outcome, t1 - t0, t2 - t1)
+
+    def _prefill_part(self, params, node: DecodeNode, handle, strategies):
+        """The prefill ranks' part before the pull: permute gathers, checksums. A refusal
+        (ValueError: a configuration that cannot work) frees the decode blocks and is raised."""
+        b = handle.blocks
+        decode_blocks = (b.num_tokens, b.attn_blocks, b.state_block)
+        try:
+            bases = {}
+            if Strategy.PERMUTE in strategies.values():
+                bases = self.prefill.prepare_permute(params, node.engine_id, node.layout_dict,
+                                                     decode_blocks, strategies)
+            digests = self.prefill.digest_reads(params, node.layout_dict, decode_blocks) \
+                if node.checksums else None
+        except ValueError:
+            node.engine.abort(handle.request_id)
+            raise
+        return bases, digests
 
     def _start_push(self, rec: RequestRecord, node: DecodeNode,
                     sampling: SamplingParams) -> RequestRecord:

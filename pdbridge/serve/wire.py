@@ -19,6 +19,7 @@ from typing import Any
 import msgspec
 
 from pdbridge.engine.request import SamplingParams
+from pdbridge.plan import Strategy
 
 from .transfer_params import TransferParams
 
@@ -99,7 +100,7 @@ class PermuteRequest(_Wire):
     decode_engine_id: str
     decode_layout: dict[str, Any]
     decode_blocks: tuple[int, tuple[int, ...], int]
-    strategies: dict[int, str]      # decode rank -> concrete strategy
+    strategies: dict[int, Strategy]     # decode rank -> concrete strategy (never auto)
 
 
 class PermuteBases(_Wire):
@@ -117,12 +118,16 @@ class ReadDigests(_Wire):
 
 
 class TransferStats(_Wire):
+    """One request's transfer stage as the decode server saw it, end to end and in parts."""
     nbytes: int
     descriptors: int
-    seconds: float              # decode side: from receiving the request to its state in place
+    seconds: float              # from receiving the request to its state in place (end to end)
     recomputed: bool
     strategies: tuple[str, ...] = ()
     errors: tuple[str, ...] = ()
+    queued_s: float = 0.0       # of `seconds`: waiting for the engine loop and the transfer
+                                # thread (steps, backlog, earlier transfers)
+    pull_s: float = 0.0         # the slowest decode rank's own pull: plan, read, notify
 
 
 class TokenEvent(_Wire):

@@ -118,14 +118,7 @@ class MetadataServer:
         self._thread.start()
 
     def _loop(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._sock, zmq.POLLIN)
-        try:
-            while not self._stop.is_set():
-                if poller.poll(POLL_MS):
-                    self._serve_one()
-        finally:
-            self._sock.close(linger=0)
+        serve_until(self._sock, self._stop, self._serve_one)
 
     def _serve_one(self) -> None:
         frames = self._sock.recv_multipart()
@@ -180,6 +173,19 @@ class MetadataServer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def serve_until(sock: zmq.Socket, stop: threading.Event, serve_one: Callable[[], None]) -> None:
+    """A server thread's loop: serve_one() whenever `sock` has a message, until `stop` is
+    set (looked at every POLL_MS); then the socket is closed, on the thread that used it."""
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    try:
+        while not stop.is_set():
+            if poller.poll(POLL_MS):
+                serve_one()
+    finally:
+        sock.close(linger=0)
 
 
 def _wait_until_unbound(endpoint: str, deadline: float) -> None:

@@ -60,5 +60,23 @@ def test_bench_serve_runs_both_deployments(capsys, tmp_path):
     res = json.loads(capsys.readouterr().out)
     assert res["pd"]["requests"] == res["both"]["requests"] == 8
     assert res["pd"]["recomputed"] == 0 and res["pd"]["transfer_over_bare"] > 0
+    # The decode ranks' pull is a part of the end-to-end stage, and so is the queueing.
+    assert 0 < res["pd"]["pull_s_mean"] <= res["pd"]["transfer_s_mean"]
+    assert 0 <= res["pd"]["transfer_queued_s_mean"] <= res["pd"]["transfer_s_mean"]
     assert plot.stat().st_size > 0
     assert res["pd"]["peak_rss_mib"] > res["both"]["peak_rss_mib"] > 0    # 3 servers vs 1
+
+
+def test_histogram_median_interpolates_inside_the_bucket():
+    from pdbridge.commands.bench_serve import histogram_median
+
+    def scrape(counts):
+        return "\n".join(f'pdbridge_pull_seconds_bucket{{le="{le}"}} {c}'
+                         for le, c in zip(("0.001", "0.002", "0.004", "+Inf"), counts))
+    before = scrape([1, 1, 1, 1])
+    # 10 new observations: 2 below 1 ms, 4 in (1, 2] ms, 4 in (2, 4] ms: the 5th is in
+    # the second bucket, 3/4 of the way through it.
+    after = scrape([3, 7, 11, 11])
+    assert histogram_median(before, after, "pdbridge_pull_seconds") == pytest.approx(0.00175)
+    assert histogram_median(before, before, "pdbridge_pull_seconds") != \
+        histogram_median(before, before, "pdbridge_pull_seconds")      # nothing observed: nan

@@ -153,7 +153,8 @@ def test_auto_picks_the_cheapest():
     spec = get_preset("nemotron-h-8b")
     prefill, decode = _layouts(spec, 2, 4)
     pb, db = _blocks(prefill, 32), _blocks(decode, 32, first=1)
-    for model in (CostModel(), CostModel(descriptor_us=1000.0), CostModel(copy_us=1e6)):
+    for model in (CostModel(), CostModel(descriptor_us=1000.0), CostModel(copy_us=1e6),
+                  CostModel(prepare_us=0.0)):
         auto = plan_transfer(prefill, decode, 0, pb, db, Strategy.AUTO, model)
         costs = {s: model.plan_us(plan_transfer(prefill, decode, 0, pb, db, s))
                  for s in ("direct", "staging", "permute")}
@@ -162,3 +163,20 @@ def test_auto_picks_the_cheapest():
                          CostModel(descriptor_us=1000.0)).strategy is Strategy.PERMUTE
     assert plan_transfer(prefill, decode, 0, pb, db, "auto",
                          CostModel(copy_us=1e6)).strategy is Strategy.DIRECT
+
+
+def test_the_prefill_round_trip_decides_between_permute_and_direct():
+    """Permute saves descriptors but needs the prefill side to gather first: with that round
+    trip free it wins where each descriptor is dear; at a round trip dearer than the
+    descriptors it saves, auto reads directly."""
+    spec = get_preset("nemotron-h-8b")
+    prefill, decode = _layouts(spec, 2, 4)
+    pb, db = _blocks(prefill, 32), _blocks(decode, 32, first=1)
+    plans = {s: plan_transfer(prefill, decode, 0, pb, db, s) for s in ("direct", "permute")}
+    saved = plans["direct"].num_descriptors - plans["permute"].num_descriptors
+    assert saved > 0
+    cheap = CostModel(descriptor_us=1000.0, prepare_us=0.0, copy_us=0.0)
+    dear = CostModel(descriptor_us=1000.0, prepare_us=1000.0 * saved + 1e6, copy_us=0.0)
+    assert dear.plan_us(plans["permute"]) - cheap.plan_us(plans["permute"]) == 1000.0 * saved + 1e6
+    assert plan_transfer(prefill, decode, 0, pb, db, "auto", cheap).strategy is Strategy.PERMUTE
+    assert plan_transfer(prefill, decode, 0, pb, db, "auto", dear).strategy is not Strategy.PERMUTE

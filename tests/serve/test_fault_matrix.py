@@ -1,7 +1,8 @@
 """Fault injection with real processes (nixl transport), under both failure policies: every
 request ends with the monolithic engine's tokens (transferred or recomputed) or an explicit
-error (PullFailed / EngineError naming the cause) within a bound, and the block pools return
-to their free counts (decode side always, prefill side where its engine survives).
+error (PullFailed / EngineError / TransferRefused naming the cause) within a bound, and the
+block pools return to their free counts (decode side always, prefill side where its engine
+survives).
 
 Each scenario records its row; at the end of a run that covered the whole table (`--slow`)
 the module writes docs/fault-matrix.md (fault x policy -> outcome). Neighbouring tests cover
@@ -25,7 +26,7 @@ from test_pd_checksums import _corrupt_after_digest
 from pdbridge.engine.llm_engine import EngineError
 from pdbridge.engine.request import SamplingParams
 from pdbridge.model import default_model
-from pdbridge.serve.decode_node import DecodeNode, PullFailed
+from pdbridge.serve.decode_node import DecodeNode, PullFailed, TransferRefused
 from pdbridge.serve.prefill_node import PrefillNode
 from pdbridge.serve.router import PDRouter
 from pdbridge.transport.bookkeeping import ReleaseReason
@@ -71,7 +72,9 @@ def write_matrix(path: Path) -> None:
              "Do not edit by hand.", "",
              "Outcomes: *transferred* = monolithic tokens from the pulled state; *recomputed* = "
              "monolithic tokens, the decode engine recomputed the prompt after the named error; "
-             "*PullFailed* / *EngineError* = the request ended with that explicit error. In "
+             "*PullFailed* / *EngineError* = the request ended with that explicit error; "
+             "*TransferRefused* = geometry that can never meet, refused naming the field "
+             "under either policy (issue 10: never recomputed around). In "
              "every row the request ended within the test's bound and the decode block pool "
              "returned to its free count (the prefill pool too where its engine survives).", "",
              "| fault | TP (prefill -> decode) | policy | outcome | detail |",
@@ -153,6 +156,10 @@ def pull_outcome(nodes: Nodes, params, handle, want, policy, **pull_kw) -> tuple
     except PullFailed as e:
         assert policy == "fail", f"PullFailed under {policy}: {e}"
         return "PullFailed", str(e)
+    except TransferRefused as e:            # under either policy: never recomputed around
+        with pytest.raises(KeyError):
+            nodes.dec.engine.request(handle.request_id)     # dropped, its blocks freed
+        return "TransferRefused", str(e)
     if outcome.ok:
         assert nodes.decode_to_end(outcome) == want
         return "transferred", ""
@@ -222,10 +229,12 @@ def decode_killed(model_dir, want, policy):
         params, handle = n.start()
         os.kill(worker_pid(n.dec, 1), signal.SIGKILL)
         wait_until(lambda: n.dec.engine._procs[0].exitcode is not None, 30.0, "rank 1 to die")
-        with pytest.raises(EngineError, match="rank 1 .* exited with code -9") as err:
+        with pytest.raises(EngineError, match="rank 1 .* exited with code -9.*request aborted"
+                           ) as err:
             n.dec.pull(handle, params)
-        # The node's driver-side bookkeeping is intact: dropping the request frees its blocks.
-        n.dec.engine.abort(handle.request_id)
+        # The pull itself dropped the request (issue 10): its blocks are back in the pool.
+        with pytest.raises(KeyError):
+            n.dec.engine.request(handle.request_id)
         n.assert_decode_pool_full()
         n.assert_prefill_freed_once()            # nobody read: the lease frees them
         assert [r.reason for r in n.pre.released] == [ReleaseReason.EXPIRED]
@@ -336,7 +345,7 @@ def another_geometry(model_dir, want, policy):
     try:
         params, handle = n.start()
         outcome, detail = pull_outcome(n, params, handle, want, policy)
-        assert outcome in ("recomputed", "PullFailed") and "dtype differs" in detail, detail
+        assert outcome == "TransferRefused" and "ssm_dtype" in detail, detail
         n.assert_decode_pool_full()
         n.assert_prefill_freed_once()
         return outcome, detail
@@ -358,7 +367,7 @@ def restarted_with_another_geometry(model_dir, want, policy):
         free = n.pre.engine.scheduler.pool.num_free
         stale = msgspec.structs.replace(params, endpoints=n.pre.endpoints)
         outcome, detail = pull_outcome(n, stale, handle, want, policy)
-        assert outcome in ("recomputed", "PullFailed") \
+        assert outcome == "TransferRefused" \
             and "incompatible geometry at ssm_dtype" in detail, detail
         n.assert_decode_pool_full()
         n.pre.poll()

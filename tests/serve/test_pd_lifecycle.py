@@ -1,6 +1,7 @@
 """The request lifecycle around a transfer: the state a decode rank receives is the state it
 computes itself; failures recompute (or fail loudly); leases free blocks exactly once."""
 
+import time
 import numpy as np
 import pytest
 import torch
@@ -180,28 +181,31 @@ def test_auto_is_resolved_by_the_decode_ranks(model_dir):
 
 
 def test_lease_renewal_keeps_blocks_while_reading(model_dir):
-    """A decode rank's LeaseRenew (sent by the pull's renewer over the handshake socket)
-    extends the lease past its first deadline; once renewals stop, the lease expires.
-    The lease runs on a fake clock: the renewals' real ages (milliseconds) would have to
-    reach 30 s, on a 100 s lease, before a loaded machine could change the outcome."""
-    from pdbridge.engine.pd_calls import Pull
-    from pdbridge.engine.pd_rank import LeaseRenewer
+    """A decode rank's LeaseRenew (sent by its lease keeper over the handshake socket while
+    a pull reads) extends the lease past its first deadline; once renewals stop, the lease
+    expires. The lease runs on a fake clock: the renewals' real ages (milliseconds) would
+    have to reach 30 s, on a 100 s lease, before a loaded machine could change the outcome."""
+    from pdbridge.engine.lease_keeper import LeaseKeeper
     clock = FakeClock()
     pre = PrefillNode(model_dir, 1, cache(), transport="local", lease_s=100.0, clock=clock)
+    keeper = LeaseKeeper("decode-x", 0)
     try:
         params = pre.prefill(PROMPTS[0])                 # deadline: start + 100
-        call = Pull(params.request_id, params.engine_id, pre.layout.to_dict(), params.endpoints,
-                    params.prefill_blocks, params.prefill_blocks, "direct", renew_every_s=0.2)
         clock.advance(50.0)
-        with LeaseRenewer(call, "decode-x", 0, [0]) as renewer:
-            wait_until(lambda: renewer.sent >= 2, what="two lease renewals")
-            assert pre.poll() == []                      # renewed at ~start + 50: deadline +150
+        keeper.start(params.request_id, params.endpoints, 0.2)
+        wait_until(lambda: keeper.sent >= 2, what="two lease renewals")
+        keeper.stop(params.request_id)
+        sent = keeper.sent
+        assert pre.poll() == []                          # renewed at ~start + 50: deadline +150
         clock.advance(70.0)                              # past the first deadline (start + 100)
         assert pre.poll() == [] and pre.num_held == 1
         clock.advance(1000.0)                            # past any renewed deadline
         assert [r.reason for r in pre.poll()] == [ReleaseReason.EXPIRED]
         assert pre.num_held == 0
+        time.sleep(0.5)                                  # stopped: no renewal after stop()
+        assert keeper.sent == sent
     finally:
+        keeper.close()
         pre.close()
 
 
@@ -265,7 +269,7 @@ def test_a_notification_flood_is_capped(model_dir):
     """Issue 12: 10,000 x 60 KB messages grew a prefill process by 1 GB. What waits for the
     next poll is capped (MAX_INBOX_NBYTES); the rest is dropped, and the node still works."""
     from pdbridge.engine.pd_calls import PollNotifications
-    from pdbridge.engine.pd_rank import MAX_INBOX_NBYTES
+    from pdbridge.engine.prefill_rank import MAX_INBOX_NBYTES
     from pdbridge.transport.handshake import request
     from pdbridge.transport.messages import ReadDone
     pre = PrefillNode(model_dir, 1, cache(), transport="nixl")

@@ -1,5 +1,5 @@
 """What NIXL is handed per strategy: the chunk indices (chunks.py) of real-size plans on
-registrations zoned as PDRank registers them, counted without NIXL.
+registrations zoned as a PrefillRank or DecodeRank registers them, counted without NIXL.
 
 Staging reads one span per source page into the staging buffer; it is fast only if the span
 lands congruent with its source zone. Aligned to the region instead (issue 13, item 2), its

@@ -1,0 +1,80 @@
+"""A decode server's transfer runs off its engine loop (issue 10): on the transfer thread,
+then back on the loop thread to decode. In one process, without HTTP: the tokens are the
+monolithic engine's; a client that leaves while its state is still being pulled gets its
+blocks freed once the pull has ended (never while the ranks still write into them)."""
+import asyncio
+import threading
+
+import pytest
+
+from pd_harness import PROMPTS, cache, monolithic, wait_until
+from pdbridge.model import default_model
+from pdbridge.serve import wire
+from pdbridge.serve.node_service import NodeConfig, NodeService
+from pdbridge.serve.prefill_node import PrefillNode
+
+
+@pytest.fixture(scope="module")
+def nodes():
+    model_dir = str(default_model.model_dir())
+    pre = PrefillNode(model_dir, 1, cache(), transport="local")
+    svc = NodeService(NodeConfig(wire.Role.DECODE, None, cache=cache(), transport="local",
+                                 strategy="direct"))
+    yield model_dir, pre, svc
+    svc.close()
+    pre.close()
+
+
+def _request(pre, prompt, max_tokens):
+    return wire.TransferRequest(tuple(prompt), wire.Sampling(max_tokens=max_tokens),
+                                pre.prefill(prompt))
+
+
+async def _collect(svc, req):
+    tokens, stats = [], None
+    async for ev in svc.decode(req):
+        assert ev.error is None, ev.error
+        stats = stats or ev.transfer
+        tokens += ev.token_ids
+    return tokens, stats
+
+
+def test_decoded_from_the_pulled_state(nodes):
+    model_dir, pre, svc = nodes
+    want = monolithic(model_dir, PROMPTS[:2], 6)
+    for prompt, expect in zip(PROMPTS[:2], want):
+        tokens, stats = asyncio.run(_collect(svc, _request(pre, prompt, 6)))
+        assert tokens == expect
+        assert not stats.recomputed and stats.nbytes > 0
+        assert 0 < stats.pull_s <= stats.seconds and 0 <= stats.queued_s <= stats.seconds
+
+
+def test_a_client_leaving_mid_transfer_frees_the_blocks_after_the_pull(nodes, monkeypatch):
+    _, pre, svc = nodes
+    pool = svc.engine.scheduler.pool
+    free = pool.num_free
+    node = svc.node
+    entered, release = threading.Event(), threading.Event()
+    real = node.pull_results
+
+    def held_pull(*args, **kw):
+        entered.set()
+        release.wait(30.0)
+        return real(*args, **kw)
+    monkeypatch.setattr(node, "pull_results", held_pull)
+
+    async def leave_mid_transfer():
+        gen = svc.decode(_request(pre, PROMPTS[1], 6))
+        task = asyncio.ensure_future(gen.__anext__())
+        await asyncio.get_running_loop().run_in_executor(None, entered.wait, 30.0)
+        assert pool.num_free < free            # allocated, being pulled into
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await gen.aclose()                     # the client is gone: _abort on the loop thread
+    asyncio.run(leave_mid_transfer())
+    wait_until(lambda: svc.loop.call(lambda _: None).result(5.0) is None, 10.0, "the loop")
+    assert pool.num_free < free                 # not freed while the ranks may still write
+    release.set()
+    wait_until(lambda: pool.num_free == free, 30.0, "the blocks freed after the pull")
+    assert not svc.engine.has_unfinished()
