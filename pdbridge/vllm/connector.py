@@ -108,6 +108,10 @@ class PdbridgeConnector(KVConnectorBase_V1, SupportsHMA):
         remote = self._remote(request)
         if remote is None:
             return 0, False
+        # The state moved is the one after the prompt's first n - 1 tokens (the prefill
+        # side stopped one short); anything else would be another point in the sequence.
+        if remote.remote_num_tokens != request.num_prompt_tokens - 1:
+            return 0, False     # computed here; update_state_after_alloc releases the prefill
         count = remote.remote_num_tokens - num_computed_tokens
         return (count, True) if count > 0 else (0, False)
 

@@ -15,8 +15,9 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(bool(vllm_missing()), reason=vllm_missing() or "")]
 HERE = Path(__file__).parent
 PY = str(VLLM_VENV / "bin" / "python")
-# 5 tokens (inside one block), 37, and 150 (two 128-token blocks, the second partly used).
-PROMPTS = [[(7 * i + 3) % 250 + 3 for i in range(n)] for n in (5, 37, 150)]
+# 1 token (nothing to move: the decode server computes it), 5 (inside one block), 37, and 150
+# (two 128-token blocks, the second partly used).
+PROMPTS = [[(7 * i + 3) % 250 + 3 for i in range(n)] for n in (1, 5, 37, 150)]
 NEW = 8
 
 
@@ -60,10 +61,10 @@ def test_a_prefill_server_gone_before_the_read_fails_the_request_and_nothing_els
     cfg = {**PDBRIDGE, "kv_connector_extra_config": {"timeout_s": 5}}
     specs = [("prefill", model, 1, cfg, "SD"), ("decode", model, 2, cfg, "SD")]
     with servers(specs, tmp_path) as s:
-        params = s["prefill"].complete(PROMPTS[1], 1, {"do_remote_decode": True})["kv_transfer_params"]
+        params = s["prefill"].complete(PROMPTS[2], 1, {"do_remote_decode": True})["kv_transfer_params"]
         s["prefill"].stop()
         with pytest.raises(urllib.error.HTTPError):
-            s["decode"].complete(PROMPTS[1], NEW, params)
+            s["decode"].complete(PROMPTS[2], NEW, params)
         log = s["decode"].log_path.read_text(errors="replace")
         assert "reading from" in log and "failed" in log, "the failed read was not reported"
-        assert s["decode"].complete(PROMPTS[2], NEW)["choices"][0]["token_ids"] == want[2]
+        assert s["decode"].complete(PROMPTS[3], NEW)["choices"][0]["token_ids"] == want[3]
