@@ -148,9 +148,6 @@ class PdbridgeConnector(KVConnectorBase_V1, SupportsHMA):
     def get_loaded_kv_cache_group_ids(self, request) -> tuple[int, ...]:
         return self._kv_cache_config.transfer_group_ids
 
-    def set_xfer_handshake_metadata(self, metadata) -> None:
-        return None
-
     def request_finished(self, request, block_ids):
         return self.request_finished_all_groups(request, (block_ids,))
 

@@ -122,7 +122,7 @@ def check_views(layout: EngineLayout, rank: int, layers: list[VllmView]) -> None
                           2 * ax["head_dim"].extent)
             want = (ax[BLOCK].stride, ax["heads"].stride, 2 * ax[TOKEN].stride,
                     ax["head_dim"].stride)
-            _same(v.name, "kv", view, tl.base + _region_addr(v), want_shape, want)
+            _same(v.name, "kv", view, tl.base + v.storage_addr, want_shape, want)
             continue
         names = [t.tensor.name for t in r.tensors if t.tensor.layer == layer and not t.tensor.paged]
         if len(names) != len(v.views):
@@ -130,12 +130,8 @@ def check_views(layout: EngineLayout, rank: int, layers: list[VllmView]) -> None
                               f"spec {len(names)} ({', '.join(names)})")
         for name, view in zip(names, v.views):
             tl = r.tensor(layer, name)
-            _same(v.name, name, view, tl.base + _region_addr(v),
+            _same(v.name, name, view, tl.base + v.storage_addr,
                   tuple(a.extent for a in tl.axes), tuple(a.stride for a in tl.axes))
-
-
-def _region_addr(v: VllmView) -> int:
-    return v.storage_addr
 
 
 def _same(layer: str, name: str, view: TensorView, addr: int, shape, strides) -> None:

@@ -17,10 +17,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "plan"))
 from plan_harness import check_all_ranks  # noqa: E402
 
 
-def _nemotron(n_groups: int, heads: int = 4) -> dict:
+def _nemotron(n_groups: int) -> dict:
     return {"model_type": "nemotron_h", "vocab_size": 32, "hidden_size": 16,
             "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 4,
-            "intermediate_size": 8, "ssm_state_size": 4, "mamba_num_heads": heads,
+            "intermediate_size": 8, "ssm_state_size": 4, "mamba_num_heads": 4,
             "mamba_head_dim": 2, "n_groups": n_groups, "conv_kernel": 3,
             "layers_block_type": ["mamba", "attention", "mamba", "attention"]}
 
