@@ -84,6 +84,11 @@ class DecodeRank(RankBase):
                                                   call.strategies.get(self.rank, call.strategy))
             t1 = time.perf_counter()
             phases.plan_s = 0.0 if phases.plan_cached else t1 - t0
+            if _needs_prepare(plan, call.scratch_bases, self.rank):
+                return PullResult(self.rank, False, f"{plan.strategy.value} needs the prefill "
+                                  f"ranks to prepare first", plan.strategy.value,
+                                  plan.source_ranks(), needs_prepare=True,
+                                  seconds=time.perf_counter() - t0, phases=phases)
             sources = plan.source_ranks()
             # Exactly the prefill ranks this plan reads from, each fetched once per engine.
             self.directory.get_ranks(call.prefill_engine_id, sources, lambda r: call.endpoints[r])
@@ -155,6 +160,12 @@ class DecodeRank(RankBase):
         self.channel.close()        # no request runs after this
         self.leases.close()
         super().close()
+
+
+def _needs_prepare(plan: TransferPlan, bases: dict[int, dict[int, int]], decode_rank: int) -> bool:
+    """The plan reads a prefill rank's scratch that no prefill rank has prepared for it."""
+    ranks = np.unique(plan.src_rank[plan.src_region == SCRATCH]).tolist()
+    return any(decode_rank not in bases.get(r, {}) for r in ranks)
 
 
 def _with_scratch_bases(plan: TransferPlan, bases: dict[int, dict[int, int]]) -> TransferPlan:

@@ -138,7 +138,9 @@ class Notifications(msgspec.Struct):
 
 class Pull(RankRequest):
     """Decode ranks: plan this rank's reads of one request and pull them; every rank of the
-    decode engine runs it with the same arguments and plans for itself."""
+    decode engine runs it with the same arguments and plans for itself. With `auto` each rank
+    resolves the strategy itself, in this one call; a rank whose choice needs the prefill
+    side to prepare (permute) answers needs_prepare instead of reading (PullResult)."""
     handler: ClassVar[str] = "pull"
     request_id: str
     prefill_engine_id: str
@@ -176,6 +178,10 @@ class PullResult(msgspec.Struct):
     descriptors: int = 0
     seconds: float = 0.0                    # on this rank: the Pull's arrival to its end
     phases: PullPhases | None = None        # where those seconds went (pull mode)
+    # Nothing was read: this rank's plan (`strategy`, e.g. what `auto` chose) reads what its
+    # prefill ranks must first gather into scratch (permute), and the Pull brought no scratch
+    # bases for it. The node asks the prefill side to prepare, then pulls this rank again.
+    needs_prepare: bool = False
 
 
 # ---- push mode -------------------------------------------------------------------------------

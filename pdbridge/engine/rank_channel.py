@@ -87,21 +87,24 @@ class RankChannel:
         self._seq = 0
 
     def call_all(self, request: RankRequest, reply_type: type, timeout_s: float,
-                 check_alive: Callable[[], None] = lambda: None) -> dict[int, msgspec.Struct]:
-        """Send `request` to every rank; rank -> its reply, for those that answered within
-        timeout_s. `check_alive` runs between polls (it raises if a rank's process died)."""
+                 check_alive: Callable[[], None] = lambda: None,
+                 ranks: list[int] | None = None) -> dict[int, msgspec.Struct]:
+        """Send `request` to every rank (or those in `ranks`); rank -> its reply, for those
+        that answered within timeout_s. `check_alive` runs between polls (it raises if a
+        rank's process died)."""
         self._seq += 1
         seq = struct.pack("<Q", self._seq)
         body = msgspec.msgpack.encode(request)
-        for sock in self._socks:
+        socks = self._socks if ranks is None else [self._socks[r] for r in ranks]
+        for sock in socks:
             sock.send_multipart([seq, body])
         poller = zmq.Poller()
-        for sock in self._socks:
+        for sock in socks:
             poller.register(sock, zmq.POLLIN)
         index = {sock: rank for rank, sock in enumerate(self._socks)}
         replies: dict[int, msgspec.Struct] = {}
         deadline = time.monotonic() + timeout_s
-        while len(replies) < len(self._socks):
+        while len(replies) < len(socks):
             left = deadline - time.monotonic()
             if left <= 0:
                 break
@@ -109,7 +112,7 @@ class RankChannel:
                 got_seq, data = sock.recv_multipart()
                 if got_seq == seq:          # else: the reply of an earlier, timed-out request
                     replies[index[sock]] = msgspec.msgpack.decode(data, type=reply_type)
-            if len(replies) < len(self._socks):
+            if len(replies) < len(socks):
                 check_alive()
         return replies
 

@@ -4,7 +4,9 @@ Defaults come from the NIXL 1.5 measurements in REFERENCE.md ("NIXL 1.5 on these
 large same-host READs run at 13-14 GB/s (13.5 here); small non-adjacent descriptors are bound
 by one system call each, 1.4 GB/s at 4 KiB, i.e. ~2.9 us per descriptor (3 us here); a
 single-thread numpy copy reaches 14.3 GB/s on 1 GiB, less on the small strided copies a
-restore makes (10 GB/s here). All fields are configurable: calibrate on the real transport.
+restore makes (10 GB/s here). Each local copy also costs its call: 12 restore copies of a
+small request took 95 us through transport/copies.run_copies (8 us a copy), more than the 11
+descriptors they saved. All fields are configurable: calibrate on the real transport.
 
 A plan that needs its prefill ranks to prepare (permute: they gather into scratch before the
 decode rank reads) also costs a round trip to the prefill side before any read starts: one
@@ -24,7 +26,7 @@ class CostModel:
     descriptor_us: float = 3.0      # fixed cost per transfer descriptor
     transfer_gbps: float = 13.5     # bytes moved by the transport, GB/s
     copy_gbps: float = 10.0         # local copies (prefill reorder, decode restore), GB/s
-    copy_us: float = 0.2            # fixed cost per local copy call
+    copy_us: float = 8.0            # fixed cost per local copy call (run_copies)
     prepare_us: float = 2000.0      # the round trip to the prefill side a prepared plan needs
 
     def __post_init__(self):

@@ -79,7 +79,7 @@ def direct_reads(prefill: EngineLayout, decode: EngineLayout, decode_rank: int,
         sources = tuple(pr.tensor(*tl.key) for pr in p_ranks)
         key = (_structure(tl), tuple(_structure(s) for s in sources))
         batches.setdefault(key, []).append(tl)
-    paged, state, groups, minimal = [], [], [], 0
+    paged, state, groups = [], [], []
     for tls in batches.values():
         rep = tls[0]
         sources = [pr.tensor(*rep.key) for pr in p_ranks]
@@ -89,8 +89,13 @@ def direct_reads(prefill: EngineLayout, decode: EngineLayout, decode_rank: int,
         groups.extend(GroupInfo(tl.tensor.layer, tl.tensor.name, seg, p, rng, nb)
                       for tl in tls for seg, p, rng, nb in tpl.slices)
         (paged if rep.tensor.paged else state).append(runs)
-        minimal += len(tls) * _shard_nbytes(rep, decode_blocks.num_tokens, decode)
-    return DirectReads(RunList.concat(paged), RunList.concat(state), tuple(groups), minimal)
+    return DirectReads(RunList.concat(paged), RunList.concat(state), tuple(groups),
+                       minimal_nbytes(decode, decode_rank, decode_blocks.num_tokens))
+
+
+def minimal_nbytes(decode: EngineLayout, decode_rank: int, num_tokens: int) -> int:
+    """Bytes of one request's decode shard on this rank: what a perfect plan moves."""
+    return sum(_shard_nbytes(tl, num_tokens, decode) for tl in decode.rank(decode_rank).tensors)
 
 
 def _structure(tl: TensorLayout) -> tuple:

@@ -7,15 +7,33 @@ An `auto` plan is also kept under the concrete strategy it chose: planning with 
 builds the same plan (planner.py builds each candidate exactly as a fixed strategy would), and
 the pull asks with the concrete one. The fresh `plan_transfer` stays the reference; a test
 compares the two.
+
+A request's inputs differ from the last one's almost always, though: planning it fresh costs
+1-3 ms here (issue 10), most of it in direct_reads' per-tensor work, which depends on the
+layouts, not on the request. So the direct runs are assembled instead (_BlockRuns): the runs
+of a one-block request (its tokens in block 0, its state in block 0) are computed once per
+layout pair, rank and tokens in the block; a request's runs are those of its full blocks and
+its last block, each moved to its block ids (block id x kernel blocks per block x the tensor's
+block stride, on each side), and its state runs moved to its state blocks. Offsets are affine
+in the block ids (EngineLayout.token_slots), and coalescing, which merges runs adjacent on both
+sides in one canonical order, makes the same reads of those finer runs as of direct_reads'
+(the strategy rewrite, coalescing and `auto`'s choice then run as in plan_transfer:
+planner.plan_from_direct). Where the engines' block sizes differ, plan_transfer plans.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 
-from pdbridge.spec import EngineLayout
+import numpy as np
 
-from .planner import parse_strategy, plan_transfer
+from pdbridge.spec import BLOCK, TOKEN, EngineLayout
+
+from .direct_reads import DirectReads, GroupInfo, direct_reads, minimal_nbytes
+from .planner import parse_strategy, plan_from_direct, plan_transfer
+from .run_list import RunList
 from .transfer_plan import RequestBlocks, Strategy, TransferPlan
+from .validation import check_geometry, check_request, used_attn_blocks
 
 Key = tuple[str, str, int, RequestBlocks, RequestBlocks, Strategy]
 
@@ -26,6 +44,7 @@ class PlanCache:
             raise ValueError(f"max_plans must be >= 1, got {max_plans}")
         self.max_plans = max_plans
         self._plans: OrderedDict[Key, TransferPlan] = OrderedDict()
+        self._runs: OrderedDict[tuple[str, str, int], _BlockRuns] = OrderedDict()
         self.hits = self.misses = 0
 
     def plan(self, prefill: EngineLayout, decode: EngineLayout, decode_rank: int,
@@ -40,7 +59,28 @@ class PlanCache:
             self.hits += 1
             return plan, True
         self.misses += 1
-        plan = plan_transfer(prefill, decode, decode_rank, prefill_blocks, decode_blocks, strategy)
+        runs = self._block_runs(prefill, decode, decode_rank, prefill_blocks)
+        if runs is None:
+            plan = plan_transfer(prefill, decode, decode_rank, prefill_blocks, decode_blocks,
+                                 strategy)
+        else:
+            check_request(prefill, decode, decode_rank, prefill_blocks, decode_blocks)
+            direct = runs.direct(prefill_blocks, decode_blocks)
+            chosen = strategy
+            if strategy is Strategy.AUTO and runs.kinds_apart:
+                # Strategies differ only in the state runs, and no state run can merge with
+                # an attention run (other regions): `auto`'s choice, made on the state runs
+                # alone (which depend on the state blocks only), is the choice over whole
+                # plans; the whole plan is built once.
+                blocks = (prefill_blocks.state_block, decode_blocks.state_block)
+                chosen = runs.state_choice.get(blocks)
+                if chosen is None:
+                    alone = dataclasses.replace(direct, paged=RunList.empty())
+                    chosen = runs.state_choice[blocks] = plan_from_direct(
+                        alone, prefill, prefill_blocks, decode_rank, Strategy.AUTO).strategy
+                    if len(runs.state_choice) > 4096:
+                        runs.state_choice.clear()
+            plan = plan_from_direct(direct, prefill, prefill_blocks, decode_rank, chosen)
         self._put(key, plan)
         if strategy is Strategy.AUTO:
             self._put(key[:-1] + (plan.strategy,), plan)
@@ -54,3 +94,94 @@ class PlanCache:
 
     def __len__(self) -> int:
         return len(self._plans)
+
+    def _block_runs(self, prefill: EngineLayout, decode: EngineLayout, decode_rank: int,
+                    blocks: RequestBlocks) -> "_BlockRuns | None":
+        """The layout pair's one-block runs, or None where they do not apply."""
+        if prefill.block_tokens != decode.block_tokens or blocks.num_tokens < 1:
+            return None
+        key = (prefill.digest, decode.digest, decode_rank)
+        runs = self._runs.get(key)
+        if runs is None:
+            if not 0 <= decode_rank < decode.tp_size:
+                return None             # plan_transfer refuses it, naming the field
+            check_geometry(prefill, decode)
+            runs = self._runs[key] = _BlockRuns(prefill, decode, decode_rank)
+            while len(self._runs) > 8:
+                self._runs.popitem(last=False)
+        return runs
+
+
+class _BlockRuns:
+    """direct_reads of any request, assembled from one-block requests (module docstring)."""
+
+    def __init__(self, prefill: EngineLayout, decode: EngineLayout, decode_rank: int):
+        self.prefill, self.decode, self.rank = prefill, decode, decode_rank
+        self.block_tokens = decode.block_tokens
+        full = self._one(self.block_tokens)
+        self.full, self.state, self.groups = full.paged, full.state, full.groups
+        self.token = self._one(1).paged         # one token, row 0 of kernel block 0
+        # Per group and side: bytes a read moves per kernel block and per token row.
+        steps = []
+        for layout, rank_of in ((prefill, lambda g: g.prefill_rank), (decode, lambda g: decode_rank)):
+            block, token = [], []
+            for g in full.groups:
+                tl = layout.rank(rank_of(g)).tensor(g.layer, g.tensor)
+                block.append(tl.axis(BLOCK).stride)
+                token.append(tl.axis(TOKEN).stride if tl.tensor.paged else 0)
+            steps.append((np.asarray(block, np.int64), np.asarray(token, np.int64),
+                          layout.kernel_blocks_per_block, layout.kernel_block_tokens))
+        self._steps = steps
+        self.state_choice: dict[tuple[int, int], Strategy] = {}    # `auto` by state blocks
+        # No region on either side holds both attention and state tensors.
+        self.kinds_apart = all(
+            len({tl.tensor.paged for tl in rl.tensors if tl.region == r}) <= 1
+            for rl in [decode.rank(decode_rank), *(prefill.rank(p) for p in
+                                                   range(prefill.tp_size))]
+            for r in range(len(rl.regions)))
+
+    def _one(self, tokens: int) -> DirectReads:
+        blocks = RequestBlocks(tokens, (0,), 0)
+        return direct_reads(self.prefill, self.decode, self.rank, blocks, blocks)
+
+    def direct(self, prefill_blocks: RequestBlocks, decode_blocks: RequestBlocks) -> DirectReads:
+        n, bt = prefill_blocks.num_tokens, self.block_tokens
+        nb = -(-n // bt)
+        ids = [np.asarray(used_attn_blocks(layout, blocks), np.int64) for layout, blocks in
+               ((self.prefill, prefill_blocks), (self.decode, decode_blocks))]
+        parts = []
+        if len(ids[0]):                 # the model has attention: nb blocks on each side
+            tail = n - (nb - 1) * bt
+            whole = nb if tail == bt else nb - 1
+            if whole and len(self.full):        # each whole block: the one-block runs moved
+                parts.append(self._moved(self.full, [np.repeat(i[:whole], len(self.full)) * m
+                                                     for i, (_, _, m, _) in zip(ids, self._steps)],
+                                         [0, 0], whole))
+            if whole < nb and len(self.token):  # the last block's tokens, one by one
+                t = np.repeat(np.arange(tail, dtype=np.int64), len(self.token))
+                kb = [i[nb - 1] * m + t // kbt for i, (_, _, m, kbt) in zip(ids, self._steps)]
+                rows = [t % kbt for _, _, _, kbt in self._steps]
+                parts.append(self._moved(self.token, kb, rows, tail))
+        paged = RunList.concat(parts)
+        k = len(self.state)
+        state = self._moved(self.state, [np.full(k, prefill_blocks.state_block),
+                                         np.full(k, decode_blocks.state_block)], [0, 0], 1)
+        everything = RunList.concat([paged, state])
+        nbytes = np.bincount(everything.group, weights=everything.nbytes,
+                             minlength=len(self.groups)) if len(everything) else \
+            np.zeros(len(self.groups))
+        groups = tuple(GroupInfo(g.layer, g.tensor, g.segment, g.prefill_rank, g.global_range,
+                                 int(b)) for g, b in zip(self.groups, nbytes.tolist()))
+        return DirectReads(paged, state, groups, minimal_nbytes(self.decode, self.rank, n))
+
+    def _moved(self, runs: RunList, blocks: list, rows: list, copies: int) -> RunList:
+        """`copies` copies of runs, each run of the result moved by blocks[side] kernel
+        blocks and rows[side] token rows (arrays, one entry per run of the result)."""
+        tile = (lambda a: np.tile(a, copies)) if copies > 1 else (lambda a: a)
+        group = tile(runs.group)
+        (sb, st, _, _), (db, dt, _, _) = self._steps
+        return RunList(tile(runs.src_rank), tile(runs.src_region),
+                       tile(runs.src_offset) + blocks[0] * sb[group] + rows[0] * st[group],
+                       tile(runs.dst_region),
+                       tile(runs.dst_offset) + blocks[1] * db[group] + rows[1] * dt[group],
+                       tile(runs.nbytes), group)

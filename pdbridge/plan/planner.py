@@ -42,6 +42,15 @@ def plan_transfer(prefill_layout: EngineLayout, decode_layout: EngineLayout, dec
     check_request(prefill_layout, decode_layout, decode_rank, prefill_blocks, decode_blocks)
     direct = direct_reads(prefill_layout, decode_layout, decode_rank, prefill_blocks,
                           decode_blocks)
+    return plan_from_direct(direct, prefill_layout, prefill_blocks, decode_rank, strategy,
+                            cost_model)
+
+
+def plan_from_direct(direct: DirectReads, prefill_layout: EngineLayout,
+                     prefill_blocks: RequestBlocks, decode_rank: int, strategy: Strategy,
+                     cost_model: CostModel | None = None) -> TransferPlan:
+    """The plan from a request's direct runs (direct_reads, or the same runs assembled
+    another way: plan_cache.py): the strategy's rewrite, coalescing, `auto`'s choice."""
     if strategy is not Strategy.AUTO:
         return _build(strategy, direct, prefill_layout, prefill_blocks, decode_rank)
     model = cost_model or CostModel()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass
+from typing import Callable
 
 from pdbridge.engine.llm_engine import Engine, EngineError, RequestHandle
 from pdbridge.engine.pd_calls import (AwaitPush, ChooseStrategy, PDSetup, Pull, PullResult,
@@ -63,6 +64,16 @@ def parse_transfer_mode(mode: "TransferMode | str") -> TransferMode:
 
 class PullFailed(RuntimeError):
     """A request's state could not be pulled and the node is set to fail, not recompute."""
+
+
+class PrepareFailed(RuntimeError):
+    """The prefill side's part of a transfer (gathering for permute) failed: a transfer
+    failure, for the failure policy."""
+
+
+# rank -> concrete strategy of the ranks whose plans need it -> prefill rank -> decode rank ->
+# scratch base (PrefillNode.prepare_permute, or the prefill server's /pd/prepare_permute)
+Prepare = Callable[[dict[int, Strategy]], dict[int, dict[int, int]]]
 
 
 class TransferRefused(Exception):
@@ -171,52 +182,53 @@ class DecodeNode:
 
     def choose_strategies(self, handle: RequestHandle, params: TransferParams
                           ) -> dict[int, Strategy]:
-        """Decode rank -> the concrete strategy its plan takes for this request. This node's
-        ranks decide `auto` (their cost model, their plans); the prefill side is told the
-        result (PrefillNode.prepare_permute) and the pull plans with it. A rank that could
-        not plan is left out: its pull fails with the reason, then recomputes or fails."""
-        return self._freeing_on_error(handle, lambda: self.rank_strategies(handle, params))
-
-    def rank_strategies(self, handle: RequestHandle, params: TransferParams
-                        ) -> dict[int, Strategy]:
-        """choose_strategies without touching the engine, so any thread may ask: on
-        TransferRefused or EngineError the caller frees the request (abort)."""
+        """Decode rank -> the concrete strategy its plan takes for this request, asked ahead
+        of the pull (a round trip the pull itself does not need: pull_results resolves
+        `auto` on each rank and asks for preparation only where a rank needs it). A rank
+        that could not plan is left out: its pull fails with the reason, then recomputes or
+        fails."""
         if self.strategy is not Strategy.AUTO:
             return {j: self.strategy for j in range(self.tp_size)}
         try:
-            prefill_layout = self.prefill_layout(params)
+            prefill_layout = self._freeing_on_error(handle, lambda: self.prefill_layout(params))
         except HandshakeError:
             return {}                   # no rank can plan; the pull fails with the reason
         b = handle.blocks
-        choices = self._ask_ranks(ChooseStrategy(
+        choices = self._freeing_on_error(handle, lambda: self._ask_ranks(ChooseStrategy(
             prefill_layout, params.prefill_blocks, (b.num_tokens, b.attn_blocks, b.state_block),
-            self.strategy), StrategyChoice, self.pull_timeout_s)
+            self.strategy), StrategyChoice, self.pull_timeout_s))
         return {j: c.strategy for j, c in choices.items() if not c.error}
 
     def pull(self, handle: RequestHandle, params: TransferParams,
              scratch_bases: dict[int, dict[int, int]] | None = None,
              renew_every_s: float = 0.0,
              strategies: dict[int, Strategy] | None = None,
-             checksums: dict[int, dict[int, int]] | None = None) -> PullOutcome:
-        """Every decode rank pulls its shard, planned with its strategy from
-        choose_strategies (chosen now if not given); then the request decodes from the
-        pulled state, or (on any failure) recomputes its prompt here, or fails, as configured.
-        With checksums on, `checksums` is PrefillNode.digest_reads (none given: every
-        source fails its check)."""
-        if strategies is None:
-            strategies = self.choose_strategies(handle, params)
+             checksums: dict[int, dict[int, int]] | None = None,
+             prepare: Prepare | None = None) -> PullOutcome:
+        """Every decode rank pulls its shard (pull_results); then the request decodes from
+        the pulled state, or (on any failure) recomputes its prompt here, or fails, as
+        configured. With checksums on, `checksums` is PrefillNode.digest_reads (none given:
+        every source fails its check)."""
         results = self._freeing_on_error(handle, lambda: self.pull_results(
-            handle, params, scratch_bases, renew_every_s, strategies, checksums))
+            handle, params, scratch_bases, renew_every_s, strategies, checksums, prepare))
         return self.finish_pull(handle, results)
 
     def pull_results(self, handle: RequestHandle, params: TransferParams,
                      scratch_bases: dict[int, dict[int, int]] | None, renew_every_s: float,
-                     strategies: dict[int, Strategy],
-                     checksums: dict[int, dict[int, int]] | None) -> tuple[PullResult, ...]:
+                     strategies: dict[int, Strategy] | None,
+                     checksums: dict[int, dict[int, int]] | None,
+                     prepare: Prepare | None = None) -> tuple[PullResult, ...]:
         """The decode ranks' pulls, one result per rank, touching no engine state: a server
-        runs this off its engine loop, then finish_pull on it. A handshake that fails is
-        every rank's failed result; TransferRefused and EngineError are raised (the caller
-        frees the request)."""
+        runs this off its engine loop, then finish_pull on it.
+
+        Strategies: each rank's from `strategies` (choose_strategies), else the node's, and
+        `auto` is resolved by each rank inside its Pull: one round trip, no separate choice.
+        A rank whose plan reads what its prefill ranks must first gather (permute) answers
+        needs_prepare; `prepare(rank -> strategy)` then asks the prefill side for their
+        scratch bases and those ranks pull again. Without `prepare` (or when it raises
+        PrepareFailed) they fail, for the failure policy. A handshake that fails is every
+        rank's failed result; TransferRefused and EngineError are raised (the caller frees
+        the request)."""
         b = handle.blocks
         if b.num_tokens != params.num_tokens:
             raise ValueError(f"decode blocks hold {b.num_tokens} tokens, the prefill engine "
@@ -225,15 +237,43 @@ class DecodeNode:
             prefill_layout = self.prefill_layout(params)
         except HandshakeError as e:             # peer gone, stalled, another secret
             return self._all_failed(str(e))
-        # Each rank reads within pull_timeout_s after a handshake of at most as long.
-        timeout_s = 2 * self.pull_timeout_s + CHANNEL_SLACK_S
-        answers = self._ask_ranks(Pull(
-            params.request_id, params.engine_id, prefill_layout, params.endpoints,
-            params.prefill_blocks, (b.num_tokens, b.attn_blocks, b.state_block),
-            self.strategy, scratch_bases or {}, self.pull_timeout_s, renew_every_s,
-            strategies, (checksums or {}) if self.checksums else None), PullResult, timeout_s)
-        return tuple(answers.get(j) or PullResult(j, False, f"no answer within {timeout_s:g} s")
-                     for j in range(self.tp_size))
+        chosen = dict(strategies) if strategies else (
+            {} if self.strategy is Strategy.AUTO else {j: self.strategy for j in range(self.tp_size)})
+        bases = dict(scratch_bases or {})
+        if prepare is not None and not bases and Strategy.PERMUTE in chosen.values():
+            try:                                # known before any read: prepare first
+                bases = prepare(chosen)
+            except PrepareFailed as e:
+                return self._all_failed(f"before the pull: {e}")
+
+        def pull_ranks(ranks: list[int] | None) -> dict[int, PullResult]:
+            # Each rank reads within pull_timeout_s after a handshake of at most as long.
+            timeout_s = 2 * self.pull_timeout_s + CHANNEL_SLACK_S
+            answers = self._ask_ranks(Pull(
+                params.request_id, params.engine_id, prefill_layout, params.endpoints,
+                params.prefill_blocks, (b.num_tokens, b.attn_blocks, b.state_block),
+                self.strategy, bases, self.pull_timeout_s, renew_every_s, chosen,
+                (checksums or {}) if self.checksums else None), PullResult, timeout_s, ranks)
+            return {j: answers.get(j) or PullResult(j, False, f"no answer within {timeout_s:g} s")
+                    for j in (range(self.tp_size) if ranks is None else ranks)}
+
+        results = pull_ranks(None)
+        waiting = {j: Strategy(r.strategy) for j, r in results.items() if r.needs_prepare}
+        if waiting:
+            try:
+                if prepare is None:
+                    raise PrepareFailed("nothing asks the prefill side to prepare (no prepare "
+                                        "given)")
+                for r, per_rank in prepare(waiting).items():
+                    bases.setdefault(r, {}).update(per_rank)
+            except PrepareFailed as e:
+                for j in waiting:
+                    results[j] = PullResult(j, False, f"{results[j].detail}: {e}",
+                                            results[j].strategy, results[j].sources)
+            else:
+                chosen.update(waiting)
+                results.update(pull_ranks(sorted(waiting)))
+        return tuple(results[j] for j in range(self.tp_size))
 
     def finish_pull(self, handle: RequestHandle, results: tuple[PullResult, ...]) -> PullOutcome:
         """After pull_results: decode from the pulled state, or recompute, or fail."""
@@ -242,12 +282,14 @@ class DecodeNode:
             return PullOutcome(handle.request_id, True, False, results)
         return self._failed(handle, results)
 
-    def _ask_ranks(self, request, reply_type: type, timeout_s: float) -> dict:
-        """Every decode rank's answer over the rank channel (rank -> reply; a rank that did
-        not answer in time is missing). EngineError if a rank's process died."""
+    def _ask_ranks(self, request, reply_type: type, timeout_s: float,
+                   ranks: list[int] | None = None) -> dict:
+        """Every decode rank's (or those in `ranks`) answer over the rank channel (rank ->
+        reply; a rank that did not answer in time is missing). EngineError if a rank's
+        process died."""
         try:
             return self.channel.call_all(request, reply_type, timeout_s,
-                                         self.engine.check_alive)
+                                         self.engine.check_alive, ranks)
         except EngineError as e:
             raise EngineError(f"decode engine {self.engine_id}: {e}; request aborted, "
                               f"its blocks freed") from e

@@ -26,7 +26,7 @@ from pdbridge.plan import Strategy
 from pdbridge.spec import CacheConfig
 
 from . import wire
-from .decode_node import DecodeNode, OnFailure, PullFailed, TransferRefused
+from .decode_node import DecodeNode, OnFailure, PrepareFailed, PullFailed, TransferRefused
 from .engine_loop import EngineLoop
 from .prefill_node import PrefillNode
 from .tokenizer import read_files
@@ -249,27 +249,30 @@ class NodeService:
         fut.add_done_callback(lambda f: f.exception() is not None and stream.fail(f.exception()))
 
     def _pull_results(self, node: DecodeNode, handle, req: wire.TransferRequest):
-        """The ranks' PullResults, or why the prefill side's part failed (a string, for the
-        failure policy). Refusals and dead workers are raised."""
+        """The ranks' PullResults, or why the prefill side's part failed before any rank
+        pulled (a string, for the failure policy). Refusals and dead workers are raised.
+        Each rank resolves `auto` inside its pull; the prefill server is asked to gather
+        (permute) only for the ranks whose plans need it."""
         params = req.params
         b = handle.blocks
         decode_blocks = (b.num_tokens, b.attn_blocks, b.state_block)
-        try:
-            strategies = node.rank_strategies(handle, params)
-            bases = {}
-            if Strategy.PERMUTE in strategies.values():
-                bases = self._post(req.prefill_url, "/pd/prepare_permute", wire.PermuteRequest(
+
+        def prepare(strategies: dict[int, Strategy]) -> dict[int, dict[int, int]]:
+            try:
+                return self._post(req.prefill_url, "/pd/prepare_permute", wire.PermuteRequest(
                     params.request_id, node.engine_id, node.layout_dict, decode_blocks,
                     strategies), wire.PermuteBases).bases
-            digests = None
-            if node.checksums:
+            except (httpx.HTTPError, RuntimeError, ValueError) as e:
+                raise PrepareFailed(str(e)) from None
+        digests = None
+        if node.checksums:
+            try:
                 digests = self._post(req.prefill_url, "/pd/digest_reads", wire.DigestRequest(
                     params.request_id, node.layout_dict, decode_blocks), wire.ReadDigests).digests
-        except (TransferRefused, EngineError):
-            raise                               # never recomputed around (decode_node.py)
-        except (httpx.HTTPError, RuntimeError, ValueError) as e:
-            return f"before the pull: {e}"
-        return node.pull_results(handle, params, bases, params.lease_s / 3, strategies, digests)
+            except (httpx.HTTPError, RuntimeError, ValueError) as e:
+                return f"before the pull: {e}"
+        return node.pull_results(handle, params, None, params.lease_s / 3, None, digests,
+                                 prepare)
 
     def _finish(self, node: DecodeNode, handle, stream: "_TokenStream", verdict, t0: float,
                 waited_s: float) -> None:

@@ -20,10 +20,9 @@ from typing import Callable
 
 from pdbridge.engine.llm_engine import EngineError
 from pdbridge.engine.request import SamplingParams
-from pdbridge.plan import Strategy
 from pdbridge.transport.compat import GeometryMismatch, check_compatible
 
-from .decode_node import DecodeNode, TransferMode
+from .decode_node import DecodeNode, PrepareFailed, TransferMode
 from .prefill_node import PrefillNode
 
 
@@ -95,35 +94,40 @@ class PDRouter:
         t1 = time.perf_counter()
         handle = node.allocate(prompt, sampling)
         self.prefill.expect_readers(params, node.engine_id, node.tp_size)
-        # The decode side decides (auto included); prefill prepares exactly that choice.
-        strategies = node.choose_strategies(handle, params)
+        b = handle.blocks
+        decode_blocks = (b.num_tokens, b.attn_blocks, b.state_block)
         try:
-            bases, digests = self._prefill_part(params, node, handle, strategies)
+            digests = self.prefill.digest_reads(params, node.layout_dict, decode_blocks) \
+                if node.checksums else None
+        except ValueError:              # a configuration that cannot work: refused
+            node.engine.abort(handle.request_id)
+            raise
         except EngineError as e:        # the prefill engine is gone: a failed transfer
             outcome = node.fail_transfer(handle, f"before the pull: {e}")
         else:
-            outcome = node.pull(handle, params, bases, renew_every_s=params.lease_s / 3,
-                                strategies=strategies, checksums=digests)
+            # The decode ranks decide (auto included) inside their pulls; the prefill ranks
+            # gather (permute) exactly for the ranks that chose it.
+            outcome = node.pull(handle, params, renew_every_s=params.lease_s / 3,
+                                checksums=digests,
+                                prepare=lambda s: self._prepare(params, node, handle, s))
         t2 = time.perf_counter()
         self.prefill.poll()
         return self._record(rec, node, outcome, t1 - t0, t2 - t1)
 
-    def _prefill_part(self, params, node: DecodeNode, handle, strategies):
-        """The prefill ranks' part before the pull: permute gathers, checksums. A refusal
-        (ValueError: a configuration that cannot work) frees the decode blocks and is raised."""
+    def _prepare(self, params, node: DecodeNode, handle, strategies) -> dict:
+        """The prefill ranks' permute gathers for the decode ranks that chose it. A refusal
+        (ValueError: a configuration that cannot work) frees the decode blocks and is raised;
+        a prefill engine that is gone is a failed transfer."""
         b = handle.blocks
-        decode_blocks = (b.num_tokens, b.attn_blocks, b.state_block)
         try:
-            bases = {}
-            if Strategy.PERMUTE in strategies.values():
-                bases = self.prefill.prepare_permute(params, node.engine_id, node.layout_dict,
-                                                     decode_blocks, strategies)
-            digests = self.prefill.digest_reads(params, node.layout_dict, decode_blocks) \
-                if node.checksums else None
+            return self.prefill.prepare_permute(params, node.engine_id, node.layout_dict,
+                                                (b.num_tokens, b.attn_blocks, b.state_block),
+                                                strategies)
         except ValueError:
             node.engine.abort(handle.request_id)
             raise
-        return bases, digests
+        except EngineError as e:
+            raise PrepareFailed(str(e)) from None
 
     def _start_push(self, rec: RequestRecord, node: DecodeNode,
                     sampling: SamplingParams) -> RequestRecord:

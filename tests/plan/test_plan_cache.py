@@ -75,3 +75,65 @@ def test_other_inputs_miss_and_old_plans_are_evicted():
     with pytest.raises(ValueError, match="max_plans"):
         PlanCache(max_plans=0)
     assert not cache.plan(layout, layout, 0, c, c, "staging")[1]
+
+
+def _random_blocks(rng, layout, num_tokens: int) -> RequestBlocks:
+    need = -(-num_tokens // layout.block_tokens)
+    ids = rng.choice(layout.num_blocks, size=need + int(rng.integers(0, 2)), replace=False)
+    if rng.random() < 0.4:                      # runs of consecutive ids, edges included
+        start = int(rng.integers(0, layout.num_blocks - len(ids) + 1))
+        ids = np.arange(start, start + len(ids))
+    return RequestBlocks(num_tokens, tuple(int(b) for b in ids),
+                         int(rng.integers(0, layout.num_blocks)))
+
+
+@pytest.mark.parametrize("preset,p_tp,d_tp,cfg", [
+    ("nemotron-h-8b", 1, 2, {}),
+    ("nemotron-h-8b", 2, 1, {"attn_layout": "heads_across_blocks"}),
+    ("nemotron-h-8b", 3, 2, {"kernel_block_tokens": 8, "block_tokens": 32}),
+    ("granite-4.0-h-small", 2, 4, {"conv_layout": "SD"}),
+    ("falcon-h1-7b", 2, 3, {}),
+    ("jamba-mini-1.5", 1, 2, {"attn_layout": "heads_across_blocks"}),
+    ("qwen3-next-80b-a3b", 1, 4, {"layer_interleave": True}),
+    ("lfm2-1.2b", 2, 1, {}),
+])
+def test_assembled_plans_are_fresh_plans_across_requests(preset, p_tp, d_tp, cfg):
+    """One cache serving many requests (token counts, block ids, edges, state blocks,
+    strategies) assembles each plan from its one-block runs; every one equals a fresh
+    plan_transfer, and none of them comes from the exact-input cache."""
+    from pdbridge.spec import CacheConfig, EngineLayout, get_preset
+    spec = get_preset(preset)
+    prefill = EngineLayout(spec, p_tp, CacheConfig(num_blocks=12, **cfg))
+    decode = EngineLayout(spec, d_tp, CacheConfig(
+        num_blocks=9, **{**cfg, "conv_layout": "DS" if cfg.get("conv_layout") == "SD" else "SD"}))
+    rng = np.random.default_rng(len(preset) * 10 + p_tp * 3 + d_tp)
+    cache = PlanCache()
+    bt = decode.block_tokens
+    for i in range(24):
+        n = int(rng.integers(1, 4 * bt + 1))
+        pb, db = _random_blocks(rng, prefill, n), _random_blocks(rng, decode, n)
+        rank = int(rng.integers(0, d_tp))
+        strategy = [Strategy.DIRECT, Strategy.AUTO, Strategy.STAGING, Strategy.PERMUTE][i % 4]
+        got, hit = cache.plan(prefill, decode, rank, pb, db, strategy)
+        assert not hit
+        assert same_plan(got, plan_transfer(prefill, decode, rank, pb, db, strategy)), (i, n, pb, db)
+    assert cache.misses == 24 and len(cache._runs) <= d_tp
+
+
+def test_assembly_needs_equal_block_sizes_and_refuses_like_the_planner():
+    """Engines with other block sizes are planned fresh; bad requests raise what
+    plan_transfer raises."""
+    from pdbridge.spec import CacheConfig, EngineLayout, get_preset
+    spec = get_preset("nemotron-h-8b")
+    p = EngineLayout(spec, 1, CacheConfig(num_blocks=8, block_tokens=16))
+    d = EngineLayout(spec, 2, CacheConfig(num_blocks=8, block_tokens=32))
+    pb, db = RequestBlocks(40, (1, 2, 3), 0), RequestBlocks(40, (4, 5), 1)
+    cache = PlanCache()
+    assert same_plan(cache.plan(p, d, 1, pb, db, "direct")[0], plan_transfer(p, d, 1, pb, db))
+    assert not cache._runs
+    for bad in (RequestBlocks(40, (1, 2), 0), RequestBlocks(40, (1, 1, 2), 0),
+                RequestBlocks(16, (1,), 8)):
+        with pytest.raises(ValueError) as fresh:
+            plan_transfer(p, p, 0, bad, bad)
+        with pytest.raises(ValueError, match=str(fresh.value).split(":")[0]):
+            cache.plan(p, p, 0, bad, bad, "direct")

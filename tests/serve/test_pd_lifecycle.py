@@ -11,7 +11,8 @@ from numerics import REORDER_ULPS, assert_close
 from pdbridge.engine.cache_snapshot import Snapshot
 from pdbridge.engine.request import SamplingParams
 from pdbridge.model import default_model
-from pdbridge.plan import Strategy
+from pdbridge.plan import Strategy, planner
+from pdbridge.plan.cost_model import CostModel
 from pdbridge.serve.decode_node import DecodeNode, PullFailed
 from pdbridge.serve.prefill_node import PrefillNode
 from pdbridge.serve.router import PDRouter
@@ -126,24 +127,53 @@ def test_local_transport_round_trip(model_dir):
         dec.close()
 
 
-def test_decode_side_choice_is_what_prefill_prepares_and_pull_plans(model_dir, monkeypatch):
-    """The router asks the decode node which concrete strategy each rank takes; the prefill
-    side gathers for exactly that choice and the pull plans with it, even where `auto`
-    planned anywhere else would choose otherwise (here: direct, TP 1 -> 1)."""
+def test_a_rank_choosing_permute_reads_after_the_prefill_side_prepared(model_dir, monkeypatch):
+    """Each decode rank resolves `auto` inside its pull. A rank whose choice needs its prefill
+    ranks to gather first (permute: chosen here by a cost model that prices descriptors high
+    and preparation at nothing, as a decode side calibrated otherwise would) answers
+    needs_prepare without reading; the router asks the prefill side to prepare exactly that
+    choice, once, and the rank pulls again (TP 1 -> 1, rank 0 in this process)."""
     want = monolithic(model_dir, PROMPTS[:1], 6)
-    pre = PrefillNode(model_dir, 1, cache(), transport="local")
-    dec = DecodeNode(model_dir, 1, cache(), transport="local", strategy="auto")
-    asked = []
-    def permute_everywhere(handle, params):     # as a decode side calibrated otherwise would
-        asked.append(params.request_id)
-        return {0: Strategy.PERMUTE}
-    monkeypatch.setattr(dec, "choose_strategies", permute_everywhere)
+    pre = PrefillNode(model_dir, 1, cache("SD"), transport="local")
+    dec = DecodeNode(model_dir, 1, cache("DS"), transport="local", strategy="auto")
+    monkeypatch.setattr(planner, "CostModel",
+                        lambda: CostModel(descriptor_us=1e3, prepare_us=0.0, copy_us=0.0))
+    prepared, real = [], pre.prepare_permute
+
+    def spy(params, engine_id, layout, blocks, strategies):
+        prepared.append(dict(strategies))
+        return real(params, engine_id, layout, blocks, strategies)
+    monkeypatch.setattr(pre, "prepare_permute", spy)
     try:
         records = PDRouter(pre, [dec]).run(PROMPTS[:1], SamplingParams(max_tokens=6))
-        assert len(asked) == 1
+        assert prepared == [{0: Strategy.PERMUTE}]
         assert [r.strategies for r in records] == [["permute"]]
         assert not records[0].recomputed, records[0].errors
         assert [r.token_ids for r in records] == want
+        assert pre.num_held == 0
+    finally:
+        pre.close()
+        dec.close()
+
+
+def test_a_rank_needing_preparation_without_prepare_fails_for_the_policy(model_dir, monkeypatch):
+    """A pull with no way to ask the prefill side (no `prepare`) for a rank that chose
+    permute reads nothing and goes to the failure policy: recomputed, the same tokens."""
+    want = monolithic(model_dir, PROMPTS[:1], 4)
+    pre = PrefillNode(model_dir, 1, cache("SD"), transport="local")
+    dec = DecodeNode(model_dir, 1, cache("DS"), transport="local", strategy="auto")
+    monkeypatch.setattr(planner, "CostModel",
+                        lambda: CostModel(descriptor_us=1e3, prepare_us=0.0, copy_us=0.0))
+    try:
+        params = pre.prefill(PROMPTS[0])
+        handle = dec.allocate(PROMPTS[0], SamplingParams(max_tokens=4))
+        outcome = dec.pull(handle, params)
+        assert outcome.recomputed and not outcome.ok
+        assert outcome.results[0].needs_prepare is False        # it failed, nothing pending
+        assert "permute needs the prefill ranks to prepare" in outcome.errors[0]
+        while dec.engine.has_unfinished():
+            dec.engine.step()
+        assert list(dec.engine.take(outcome.request_id).output_ids) == want[0]
     finally:
         pre.close()
         dec.close()
