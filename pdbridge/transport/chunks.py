@@ -277,6 +277,8 @@ def _greedy(run: np.ndarray, a: np.ndarray, n: np.ndarray):
         out.append((run[i], x[i].copy(), c))
         x[i] += c
         rem[i] -= c
+    if not out:                 # only empty runs: nothing to emit (zip(*[]) has no columns)
+        return run[:0], n[:0], n[:0]
     return tuple(np.concatenate(p) for p in zip(*out))
 
 

@@ -139,3 +139,12 @@ def test_layout_zones_start_each_slab():
             page = tl.axes[0].stride
             want = {(tl.base + b * page) // ZONE_ALIGN * ZONE_ALIGN for b in range(p.num_blocks)}
             assert want <= set(zones[tl.region])
+
+
+def test_empty_runs_off_alignment_emit_nothing():
+    # Only empty runs took the greedy branch (offset 3 is off the common alignment): the
+    # numpy path failed to unpack its pieces; it now emits no chunks.
+    t = ChunkTable((4096,), 1)
+    one = lambda v: np.asarray([v], np.int64)  # noqa: E731
+    si, di = split_runs(t, one(0), one(3), t, one(0), one(3), one(0))
+    assert len(si) == len(di) == 0
