@@ -6,10 +6,11 @@ run on the same transport; and the peak resident memory of each deployment's pro
 (servers and TP workers together).
 
 The transfer stage is reported two ways, side by side: end to end (the decode server: request
-received -> its state in place: waiting for the engine loop, strategy choice, the prefill
-side's part, the pull, as a client sees it), with the part spent waiting (for the engine loop
-and the transfer thread: steps, earlier transfers);
-and the decode ranks' own pull (the slowest rank: plan, metadata, reads, ReadDone).
+received -> its state in place, i.e. every rank's pull returned: waiting for the engine loop
+and the transfer thread, the prefill side's part where a rank needs one, the pulls over the
+rank channel), with the part spent waiting (for the engine loop and the transfer thread:
+steps, earlier transfers); and the decode ranks' own pull (the slowest rank: plan, metadata,
+reads, ReadDone).
 
 Each deployment runs alone (started, measured, stopped), so the two do not share cores.
 """

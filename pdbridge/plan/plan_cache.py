@@ -23,11 +23,13 @@ planner.plan_from_direct). Where the engines' block sizes differ, plan_transfer 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import OrderedDict
 
 import numpy as np
 
 from pdbridge.spec import BLOCK, TOKEN, EngineLayout
+from pdbridge.spec.layout import ZONE_ALIGN
 
 from .direct_reads import DirectReads, GroupInfo, direct_reads, minimal_nbytes
 from .planner import parse_strategy, plan_from_direct, plan_transfer
@@ -70,9 +72,11 @@ class PlanCache:
             if strategy is Strategy.AUTO and runs.kinds_apart:
                 # Strategies differ only in the state runs, and no state run can merge with
                 # an attention run (other regions): `auto`'s choice, made on the state runs
-                # alone (which depend on the state blocks only), is the choice over whole
-                # plans; the whole plan is built once.
-                blocks = (prefill_blocks.state_block, decode_blocks.state_block)
+                # alone, is the choice over whole plans; the whole plan is built once. The
+                # state runs of state block b + period are those of b moved by whole pages,
+                # zone origins included (_BlockRuns.state_period): the same choice.
+                blocks = (prefill_blocks.state_block % runs.state_period[0],
+                          decode_blocks.state_block % runs.state_period[1])
                 chosen = runs.state_choice.get(blocks)
                 if chosen is None:
                     alone = dataclasses.replace(direct, paged=RunList.empty())
@@ -133,6 +137,13 @@ class _BlockRuns:
                           layout.kernel_blocks_per_block, layout.kernel_block_tokens))
         self._steps = steps
         self.state_choice: dict[tuple[int, int], Strategy] = {}    # `auto` by state blocks
+        # Per side, the state blocks after which the zone origins (RankLayout.zone_origins:
+        # each page's tensor slabs, rounded down to ZONE_ALIGN) repeat, moved by whole pages.
+        self.state_period = tuple(
+            math.lcm(1, *(ZONE_ALIGN // math.gcd(r.page_nbytes(layout.num_blocks), ZONE_ALIGN)
+                          for rl in ranks for r in rl.regions if not r.paged))
+            for layout, ranks in ((prefill, [prefill.rank(p) for p in range(prefill.tp_size)]),
+                                  (decode, [decode.rank(decode_rank)])))
         # No region on either side holds both attention and state tensors.
         self.kinds_apart = all(
             len({tl.tensor.paged for tl in rl.tensors if tl.region == r}) <= 1

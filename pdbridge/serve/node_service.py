@@ -245,7 +245,9 @@ class NodeService:
             verdict = self._pull_results(node, handle, req)
         except BaseException as e:              # TransferRefused, EngineError
             verdict = e
-        fut = self.loop.call(lambda n: self._finish(n, handle, stream, verdict, t0, waited_s))
+        seconds = time.perf_counter() - t0      # the state is in place (or the pull failed)
+        fut = self.loop.call(lambda n: self._finish(n, handle, stream, verdict, seconds,
+                                                    waited_s))
         fut.add_done_callback(lambda f: f.exception() is not None and stream.fail(f.exception()))
 
     def _pull_results(self, node: DecodeNode, handle, req: wire.TransferRequest):
@@ -274,9 +276,11 @@ class NodeService:
         return node.pull_results(handle, params, None, params.lease_s / 3, None, digests,
                                  prepare)
 
-    def _finish(self, node: DecodeNode, handle, stream: "_TokenStream", verdict, t0: float,
-                waited_s: float) -> None:
-        """On the loop thread: decode from the pulled state, recompute, or fail."""
+    def _finish(self, node: DecodeNode, handle, stream: "_TokenStream", verdict,
+                seconds: float, waited_s: float) -> None:
+        """On the loop thread: decode from the pulled state, recompute, or fail. `seconds`:
+        the transfer stage, request received -> pulls returned (waiting for this loop thread
+        after that is the next step's, in the time to first token)."""
         try:
             if isinstance(verdict, BaseException):
                 node.engine.discard(handle.request_id)      # its blocks, freed once
@@ -291,7 +295,7 @@ class NodeService:
             return
         stream.request_id = outcome.request_id
         stream.first(wire.TransferStats(
-            outcome.nbytes, outcome.descriptors, time.perf_counter() - t0, outcome.recomputed,
+            outcome.nbytes, outcome.descriptors, seconds, outcome.recomputed,
             tuple(sorted({r.strategy for r in outcome.results if r.strategy})),
             tuple(outcome.errors), queued_s=waited_s, pull_s=outcome.rank_pull_s))
         self.loop.watch(outcome.request_id, self._sink(stream))

@@ -121,7 +121,8 @@ class TransferStats(_Wire):
     """One request's transfer stage as the decode server saw it, end to end and in parts."""
     nbytes: int
     descriptors: int
-    seconds: float              # from receiving the request to its state in place (end to end)
+    seconds: float              # from receiving the request to its state in place (end to end:
+                                # the ranks' pulls returned, before the engine loop takes it)
     recomputed: bool
     strategies: tuple[str, ...] = ()
     errors: tuple[str, ...] = ()

@@ -328,7 +328,6 @@ class NixlTransport:
                 raise TransferError(f"transfer with {handle.peer} failed: {status.reason}")
             if time.monotonic() > deadline:
                 raise TransferError(f"transfer with {handle.peer} timed out after {timeout_s} s")
-            os.sched_yield()
 
     def release(self, handle: XferHandle) -> None:
         h = self._xfers.pop(handle.id, None)
