@@ -1,24 +1,23 @@
-"""PlanCache: the plans one decode rank made lately, so a request is planned once.
+"""PlanCache: one decode rank's plans, made fast and kept.
 
-A request is planned when its strategy is chosen (ChooseStrategy) and again when it is pulled
-(Pull), with the same inputs; a cache keyed by every input of `plan_transfer` (both layouts'
-digests, the decode rank, both block tables, the strategy) makes the second one a lookup.
-An `auto` plan is also kept under the concrete strategy it chose: planning with that strategy
-builds the same plan (planner.py builds each candidate exactly as a fixed strategy would), and
-the pull asks with the concrete one. The fresh `plan_transfer` stays the reference; a test
-compares the two.
+Exact inputs: a cache keyed by every input of `plan_transfer` (both layouts' digests, the
+decode rank, both block tables, the strategy) serves a request asked again (ChooseStrategy,
+then Pull). An `auto` plan is also kept under the concrete strategy it chose: planning with
+that strategy builds the same plan (planner.py builds each candidate exactly as a fixed
+strategy would).
 
-A request's inputs differ from the last one's almost always, though: planning it fresh costs
-1-3 ms here (issue 10), most of it in direct_reads' per-tensor work, which depends on the
-layouts, not on the request. So the direct runs are assembled instead (_BlockRuns): the runs
-of a one-block request (its tokens in block 0, its state in block 0) are computed once per
-layout pair, rank and tokens in the block; a request's runs are those of its full blocks and
-its last block, each moved to its block ids (block id x kernel blocks per block x the tensor's
-block stride, on each side), and its state runs moved to its state blocks. Offsets are affine
-in the block ids (EngineLayout.token_slots), and coalescing, which merges runs adjacent on both
-sides in one canonical order, makes the same reads of those finer runs as of direct_reads'
-(the strategy rewrite, coalescing and `auto`'s choice then run as in plan_transfer:
-planner.plan_from_direct). Where the engines' block sizes differ, plan_transfer plans.
+New inputs: planning a request fresh costs 1-3 ms here (issue 10), most of it in
+direct_reads' per-tensor work, which depends on the layouts, not on the request. So the
+direct runs are assembled instead (_BlockRuns): the runs of a request with all its tokens in
+block 0, and of one with one token at row 0 of block 0 (its state in state block 0), are
+computed once per layout pair and rank; a request's runs are those of its whole blocks and of
+each token of its last block, moved to its block ids and token rows (kernel blocks x the
+tensor's block stride + rows x its token stride, on each side), and the state runs moved to its
+state blocks. Offsets are affine in the block ids and rows (EngineLayout.token_slots), and
+coalescing, which merges runs adjacent on both sides in one canonical order, makes the same
+reads of those finer runs as of direct_reads' (the strategy rewrite, coalescing and `auto`'s
+choice then run as in plan_transfer: planner.plan_from_direct). Where the engines' block sizes
+differ, plan_transfer plans. plan_transfer stays the reference; tests compare the two.
 """
 from __future__ import annotations
 

@@ -78,3 +78,36 @@ def test_a_client_leaving_mid_transfer_frees_the_blocks_after_the_pull(nodes, mo
     release.set()
     wait_until(lambda: pool.num_free == free, 30.0, "the blocks freed after the pull")
     assert not svc.engine.has_unfinished()
+
+
+def test_only_ranks_choosing_permute_are_prepared_for_then_pull_again(monkeypatch):
+    """The decode server's transfer is one pull; its rank resolves `auto` there. Where that
+    choice is permute (here: a cost model pricing descriptors high and preparation at
+    nothing), the server asks the prefill server (/pd/prepare_permute) for that rank only,
+    once, and the rank pulls again: the monolithic engine's tokens, nothing recomputed."""
+    from pdbridge.plan import Strategy, planner
+    from pdbridge.plan.cost_model import CostModel
+    model_dir = str(default_model.model_dir())
+    want = monolithic(model_dir, PROMPTS[:1], 5)
+    monkeypatch.setattr(planner, "CostModel",
+                        lambda: CostModel(descriptor_us=1e3, prepare_us=0.0, copy_us=0.0))
+    pre = PrefillNode(model_dir, 1, cache("SD"), transport="local")
+    svc = NodeService(NodeConfig(wire.Role.DECODE, None, cache=cache("DS"), transport="local",
+                                 strategy="auto"))
+    asked = []
+    try:
+        req = _request(pre, PROMPTS[0], 5)
+
+        def post(base, path, body, kind):         # the prefill server's route, in process
+            asked.append((path, dict(body.strategies)))
+            return wire.PermuteBases(pre.prepare_permute(
+                req.params, body.decode_engine_id, body.decode_layout, body.decode_blocks,
+                body.strategies))
+        monkeypatch.setattr(svc, "_post", post)
+        tokens, stats = asyncio.run(_collect(svc, req))
+        assert asked == [("/pd/prepare_permute", {0: Strategy.PERMUTE})]
+        assert stats.strategies == ("permute",) and not stats.recomputed, stats.errors
+        assert tokens == want[0]
+    finally:
+        svc.close()
+        pre.close()
