@@ -22,6 +22,7 @@ from pdbridge.spec import FfnKind, MixerKind, load_model_spec
 from tp_runner import run_tp
 
 NAMES = list(QWEN)
+ABS_TOL = 3e-4
 DELTA_LAYERS = [0, 1, 3, 4]
 
 
@@ -30,7 +31,10 @@ def _check_against_hf(d, hf, prompt=PROMPT):
     ref_logits, pkv = hf_prompt(hf, prompt)
     logits, states = prefill_states(ours, prompt)
     assert_close(logits, ref_logits, ulps=HF_ULPS, what="prompt logits")
-    assert (logits - ref_logits).abs().max().item() < 1e-4
+    # Absolute bound on top of the ULP check: 1.0e-4 was measured for the multimodal
+    # checkpoint on an AMD EPYC host (its fp32 kernels order sums unlike transformers'); the
+    # wrong details test_the_parity_tests_can_fail injects move the logits past 1e-3.
+    assert (logits - ref_logits).abs().max().item() < ABS_TOL
     assert sorted(states) == DELTA_LAYERS
     for layer, (conv, rec) in states.items():
         hf_conv = pkv.get_conv_state(layer, state_idx=0)[0]        # (C, K): one redundant column
@@ -107,7 +111,7 @@ def _logits(model):
 
 
 def test_the_parity_tests_can_fail(qwen_tiny, monkeypatch):
-    """Each Qwen-specific detail moves the logits far beyond the 1e-4 tolerance when wrong:
+    """Each Qwen-specific detail moves the logits far beyond the ABS_TOL tolerance when wrong:
     reading in_proj_qkvz / in_proj_ba as plain concatenations (no per-k-head de-interleave),
     tiling k-heads over v-heads (j % Hk) instead of repeating them (j // (Hv/Hk)), and a plain
     RMSNorm weight where the zero-centred (1 + w) belongs."""
