@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pdbridge.serve.wire import PULL_PARTS
+
 
 @dataclass(frozen=True)
 class ServeBenchConfig:
@@ -267,6 +269,10 @@ def run_bench(cfg: ServeBenchConfig, progress=lambda m: None) -> dict:
     pd["transfer_s_mean"] = d["pdbridge_transfer_seconds_sum"] / n
     pd["transfer_queued_s_mean"] = d["pdbridge_transfer_queued_seconds_sum"] / n
     pd["pull_s_mean"] = d["pdbridge_pull_seconds_sum"] / n
+    pd["pull_parts_s_mean"] = {
+        part: (_metric(after, f'pdbridge_pull_part_seconds_total{{part="{part}"}}')
+               - _metric(before, f'pdbridge_pull_part_seconds_total{{part="{part}"}}')) / n
+        for part in PULL_PARTS}
     pd["transfer_s_p50"] = histogram_median(before, after, "pdbridge_transfer_seconds")
     pd["pull_s_p50"] = histogram_median(before, after, "pdbridge_pull_seconds")
     pd["transfer_bytes_mean"] = d["pdbridge_transfer_bytes_total"] / n
@@ -321,6 +327,10 @@ def format_table(res: dict) -> str:
                  f"mean {pd['pull_s_mean'] * 1e3:.2f} ms, ratio to bare "
                  f"{pd['pull_over_bare']:.1f}; median {pd['pull_s_p50'] * 1e3:.2f} ms, ratio "
                  f"{pd['pull_p50_over_bare']:.1f}")
+    parts = pd.get("pull_parts_s_mean") or {}
+    if any(parts.values()):
+        lines.append("of the pull mean, ms: " + ", ".join(
+            f"{part} {parts[part] * 1e3:.2f}" for part in PULL_PARTS if part in parts))
     return "\n".join(lines)
 
 

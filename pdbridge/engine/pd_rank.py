@@ -23,6 +23,11 @@ from pdbridge.transport.side_channel_key import SideChannelKey, load_key
 from .pd_calls import FlipByte, PDRankInfo, PDSetup
 
 POLL_INTERVAL_S = 0.001     # the passive NIXL side must progress about every ms (REFERENCE.md)
+# While reads are expected (a prefill step just ran, or a notification just came), faster:
+# a decode rank's read of this rank's memory completes only at this side's next progress
+# (measured in `pdbridge bench serve`: the read's wait is spread evenly over one interval).
+POLL_HOT_S = 0.0001
+HOT_WINDOW_S = 0.05         # how long after a step or a notification the poller stays hot
 ROLES = ("prefill", "decode")
 TRANSFER_MODES = ("pull", "push")
 
@@ -67,6 +72,7 @@ class RankBase:
         self._agent_lock = threading.Lock()     # the poller and the other users share the agent
         self._poller: threading.Thread | None = None
         self._stop = threading.Event()
+        self._hot_until = 0.0       # monotonic; the poller polls every POLL_HOT_S before it
 
     def info(self) -> PDRankInfo:
         return PDRankInfo(self.rank, "", 0 if self.scratch is None else len(self.scratch),
@@ -78,6 +84,11 @@ class RankBase:
 
     def finish_push(self, error: str = "") -> None:
         pass
+
+    def expect_reads(self) -> None:
+        """Reads of this rank's memory may come soon (a forward just ran here): progress
+        the passive side every POLL_HOT_S for the next HOT_WINDOW_S."""
+        self._hot_until = time.monotonic() + HOT_WINDOW_S
 
     def flip_byte(self, call: FlipByte) -> None:
         """Fault injection: invert one byte of one of this rank's regions."""
@@ -97,7 +108,9 @@ class RankBase:
         self._poller.start()
 
     def _poll_loop(self, keep: Callable[[bytes], None]) -> None:
-        """Drive the passive side's progress and hand each notification to `keep`."""
+        """Drive the passive side's progress and hand each notification to `keep`: every
+        POLL_HOT_S while reads are expected (expect_reads, or a notification came: other
+        readers are likely at work), else every POLL_INTERVAL_S."""
         while not self._stop.is_set():
             try:
                 with self._agent_lock:
@@ -106,7 +119,9 @@ class RankBase:
                     keep(message)
             except Exception:       # closed under us at shutdown
                 return
-            time.sleep(POLL_INTERVAL_S)
+            if notifs:
+                self.expect_reads()
+            time.sleep(POLL_HOT_S if time.monotonic() < self._hot_until else POLL_INTERVAL_S)
 
     def close(self) -> None:
         """Stop the poller, then the transport agent (subclasses close their own parts first)."""

@@ -83,7 +83,15 @@ class Worker:
                              call.block_tables, call.state_slots)
         if self.device.type != "cpu":
             batch = ForwardBatch(*(getattr(batch, f).to(self.device) for f in _BATCH_FIELDS))
-        hook = self.pd.layer_hook() if self.pd is not None else None
+        if self.pd is None:
+            return self.model(batch, self.caches)
+        try:
+            return self._pd_forward(batch)
+        finally:
+            self.pd.expect_reads()      # a prefill's readers come right after its forward
+
+    def _pd_forward(self, batch) -> torch.Tensor:
+        hook = self.pd.layer_hook()
         if hook is None:
             return self.model(batch, self.caches)
         self.model.after_layer = hook       # push mode: write each layer's final bytes

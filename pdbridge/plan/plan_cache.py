@@ -18,6 +18,10 @@ coalescing, which merges runs adjacent on both sides in one canonical order, mak
 reads of those finer runs as of direct_reads' (the strategy rewrite, coalescing and `auto`'s
 choice then run as in plan_transfer: planner.plan_from_direct). Where the engines' block sizes
 differ, plan_transfer plans. plan_transfer stays the reference; tests compare the two.
+
+Everything of that assembly but the block ids is kept (_Moves): the runs of w whole blocks
+and of a last block's t tokens, at block id 0, with how far each run moves per block id on each
+side; a request's runs are those moved by its ids, two multiply-adds a side (issue 10).
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ from .transfer_plan import RequestBlocks, Strategy, TransferPlan
 from .validation import check_geometry, check_request, used_attn_blocks
 
 Key = tuple[str, str, int, RequestBlocks, RequestBlocks, Strategy]
+KEEP_MOVES = 1024          # kept _Moves per kind (whole blocks, tails), and group tables
 
 
 class PlanCache:
@@ -135,6 +140,15 @@ class _BlockRuns:
             steps.append((np.asarray(block, np.int64), np.asarray(token, np.int64),
                           layout.kernel_blocks_per_block, layout.kernel_block_tokens))
         self._steps = steps
+        # Kept runs (_Moves): of w whole blocks, of a last block's t tokens, of the state
+        # (which moves by whole state blocks); and per group, bytes per block, token, state.
+        self._state_moves = self._moves_of(self.state, None, (1, 1))
+        self._whole: dict[int, _Moves] = {}
+        self._tails: dict[int, _Moves] = {}
+        self._group_info: dict[int, tuple] = {}        # num_tokens -> (groups, minimal)
+        self._full_g, self._token_g, self._state_g = (
+            np.bincount(r.group, weights=r.nbytes, minlength=len(self.groups)).astype(np.int64)
+            for r in (self.full, self.token, self.state))
         self.state_choice: dict[tuple[int, int], Strategy] = {}    # `auto` by state blocks
         # Per side, the state blocks after which the zone origins (RankLayout.zone_origins:
         # each page's tensor slabs, rounded down to ZONE_ALIGN) repeat, moved by whole pages.
@@ -155,6 +169,72 @@ class _BlockRuns:
         return direct_reads(self.prefill, self.decode, self.rank, blocks, blocks)
 
     def direct(self, prefill_blocks: RequestBlocks, decode_blocks: RequestBlocks) -> DirectReads:
+        """The request's direct runs: the kept runs of its whole blocks, of its last block's
+        tokens and of its state moved to its block ids (direct_slow, which assembles them
+        afresh, is the reference; tests compare the two)."""
+        n, bt = prefill_blocks.num_tokens, self.block_tokens
+        nb = -(-n // bt)
+        tail = n - (nb - 1) * bt
+        whole = nb if tail == bt else nb - 1
+        ids = [np.asarray(used_attn_blocks(layout, blocks), np.int64) for layout, blocks in
+               ((self.prefill, prefill_blocks), (self.decode, decode_blocks))]
+        parts = []
+        if len(ids[0]):                 # the model has attention: nb blocks on each side
+            if whole and len(self.full):
+                parts.append(self._kept(self._whole, whole, self._whole_moves)
+                             .apply(ids[0], ids[1]))
+            if whole < nb and len(self.token):
+                parts.append(self._kept(self._tails, tail, self._tail_moves)
+                             .apply(int(ids[0][nb - 1]), int(ids[1][nb - 1])))
+        paged = RunList.concat(parts)
+        state = self._state_moves.apply(prefill_blocks.state_block, decode_blocks.state_block)
+        groups = self._group_info.get(n)
+        if groups is None:
+            if len(self._group_info) >= KEEP_MOVES:
+                self._group_info.clear()
+            groups = self._group_info[n] = self._groups_of(
+                self._state_g + (whole * self._full_g if len(ids[0]) else 0)
+                + (self._token_g * tail if len(ids[0]) and whole < nb else 0), n)
+        return DirectReads(paged, state, *groups)
+
+    @staticmethod
+    def _kept(store: dict, key: int, make) -> "_Moves":
+        moves = store.get(key)
+        if moves is None:
+            if len(store) >= KEEP_MOVES:
+                store.clear()
+            moves = store[key] = make(key)
+        return moves
+
+    def _whole_moves(self, whole: int) -> "_Moves":
+        """The runs of `whole` whole blocks at block 0, and which block each run is of."""
+        return self._moves_of(self._moved(self.full, [0, 0], [0, 0], whole),
+                              np.repeat(np.arange(whole, dtype=np.int64), len(self.full)))
+
+    def _tail_moves(self, tail: int) -> "_Moves":
+        """The runs of a last block's `tail` tokens, that block at block id 0."""
+        t = np.repeat(np.arange(tail, dtype=np.int64), len(self.token))
+        return self._moves_of(self._moved(self.token, [t // kbt for _, _, _, kbt in self._steps],
+                                          [t % kbt for _, _, _, kbt in self._steps], tail), None)
+
+    def _moves_of(self, runs: RunList, index: np.ndarray | None, per_block=None) -> "_Moves":
+        """runs at block id 0 and each run's bytes per block id on each side: kernel blocks
+        per block x the block stride (state runs: the block stride, per state block)."""
+        (sb, _, mp, _), (db, _, md, _) = self._steps
+        mp, md = per_block or (mp, md)
+        steps = [sb[runs.group] * mp, db[runs.group] * md]
+        for a in (*(getattr(runs, f.name) for f in dataclasses.fields(runs)), *steps):
+            a.flags.writeable = False   # shared by every request's plan: never written
+        return _Moves(runs, index, steps[0], steps[1])
+
+    def _groups_of(self, nbytes: np.ndarray, n: int) -> tuple[tuple[GroupInfo, ...], int]:
+        return (tuple(GroupInfo(g.layer, g.tensor, g.segment, g.prefill_rank, g.global_range,
+                                int(b)) for g, b in zip(self.groups, nbytes.tolist())),
+                minimal_nbytes(self.decode, self.rank, n))
+
+    def direct_slow(self, prefill_blocks: RequestBlocks, decode_blocks: RequestBlocks
+                    ) -> DirectReads:
+        """direct(), assembled afresh from the one-block runs (its reference)."""
         n, bt = prefill_blocks.num_tokens, self.block_tokens
         nb = -(-n // bt)
         ids = [np.asarray(used_attn_blocks(layout, blocks), np.int64) for layout, blocks in
@@ -195,3 +275,24 @@ class _BlockRuns:
                        tile(runs.dst_region),
                        tile(runs.dst_offset) + blocks[1] * db[group] + rows[1] * dt[group],
                        tile(runs.nbytes), group)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Moves:
+    """Runs kept at block id 0 (read-only arrays, shared by every request's plan), each
+    run's bytes per block id on each side, and which of the request's blocks each run is of
+    (`index`; None: all of one block)."""
+    runs: RunList
+    index: np.ndarray | None
+    src_step: np.ndarray
+    dst_step: np.ndarray
+
+    def apply(self, prefill_ids, decode_ids) -> RunList:
+        """The runs moved to the request's block ids (arrays indexed by `index`), or to one
+        block id per side."""
+        r = self.runs
+        if self.index is not None:
+            prefill_ids, decode_ids = prefill_ids[self.index], decode_ids[self.index]
+        return RunList(r.src_rank, r.src_region, r.src_offset + prefill_ids * self.src_step,
+                       r.dst_region, r.dst_offset + decode_ids * self.dst_step, r.nbytes,
+                       r.group)

@@ -60,13 +60,14 @@ def plan_from_direct(direct: DirectReads, prefill_layout: EngineLayout,
 
 def _build(strategy: Strategy, direct: DirectReads, prefill: EngineLayout,
            prefill_blocks: RequestBlocks, decode_rank: int) -> TransferPlan:
-    small, large = split_small(direct.state.coalesced())   # size runs as they will be read
-    if strategy is Strategy.STAGING:
-        rewrite = staging(small, lambda rank, region: prefill.rank(rank).zone_origins[region])
-    elif strategy is Strategy.PERMUTE:
-        rewrite = permute(small)
-    else:
+    if strategy is Strategy.DIRECT:
         rewrite, large = StateRewrite(direct.state, RunList.empty(), 0, {}, {}), RunList.empty()
+    else:
+        small, large = split_small(direct.state.coalesced())   # size runs as they will be read
+        if strategy is Strategy.STAGING:
+            rewrite = staging(small, lambda rank, region: prefill.rank(rank).zone_origins[region])
+        else:
+            rewrite = permute(small)
     reads = RunList.concat([direct.paged, large, rewrite.reads]).coalesced()
     restore = rewrite.restore.as_copy_list() if len(rewrite.restore) else CopyList.empty()
     return TransferPlan(

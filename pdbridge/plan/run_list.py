@@ -27,7 +27,7 @@ class RunList:
 
     @staticmethod
     def empty() -> "RunList":
-        return RunList(*(np.zeros(0, d) for d in (_I32, _I32, _I64, _I32, _I64, _I64, _I32)))
+        return _EMPTY
 
     @staticmethod
     def concat(parts: list["RunList"]) -> "RunList":
@@ -74,3 +74,13 @@ class RunList:
 
 
 _FIELDS = ("src_rank", "src_region", "src_offset", "dst_region", "dst_offset", "nbytes", "group")
+
+
+def _empty() -> RunList:
+    arrays = [np.zeros(0, d) for d in (_I32, _I32, _I64, _I32, _I64, _I64, _I32)]
+    for a in arrays:
+        a.flags.writeable = False       # one shared empty list
+    return RunList(*arrays)
+
+
+_EMPTY = _empty()

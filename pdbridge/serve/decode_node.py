@@ -97,9 +97,14 @@ class PullOutcome:
         return sum(r.descriptors for r in self.results)
 
     @property
+    def slowest(self) -> PullResult | None:
+        """The result of the decode rank whose own pull took longest."""
+        return max(self.results, key=lambda r: r.seconds, default=None)
+
+    @property
     def rank_pull_s(self) -> float:
         """The slowest decode rank's own pull time (on that rank: plan, read, notify)."""
-        return max((r.seconds for r in self.results), default=0.0)
+        return self.slowest.seconds if self.results else 0.0
 
     @property
     def errors(self) -> list[str]:

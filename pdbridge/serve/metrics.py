@@ -6,6 +6,8 @@ from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram,
                                generate_latest)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from .wire import PULL_PARTS
+
 _TIME_BUCKETS = (0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
                  2.5, 5, 10, 30, 60)
 
@@ -36,6 +38,9 @@ class ServeMetrics:
         self.pull_seconds = Histogram("pdbridge_pull_seconds", "the slowest decode rank's own "
                                       "pull (plan, read, notify)", buckets=_TIME_BUCKETS,
                                       registry=r)
+        self.pull_part_seconds = Counter("pdbridge_pull_part_seconds", "of pdbridge_pull_"
+                                         "seconds, by part (plan, peers, read, verify, notify, "
+                                         "other)", ["part"], registry=r)
         self.failures = Counter("pdbridge_failures", "failures by reason", ["reason"], registry=r)
         self.recomputed = Counter("pdbridge_recomputed", "requests recomputed after a failed "
                                   "transfer", registry=r)
@@ -51,6 +56,11 @@ class ServeMetrics:
     def observe_load(self, server: str, load) -> None:
         self.blocks_in_use.labels(server).set(load.blocks_total - load.blocks_free)
         self.queue_length.labels(server).set(load.waiting)
+
+    def observe_pull_parts(self, parts) -> None:
+        """wire.PullParts of one request: each part's seconds onto its counter."""
+        for part in PULL_PARTS:
+            self.pull_part_seconds.labels(part).inc(getattr(parts, part + "_s"))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -21,6 +21,7 @@ from typing import AsyncIterator, Callable
 import httpx
 
 from pdbridge.engine.llm_engine import Engine, EngineError, EngineFull, StepOutput
+from pdbridge.engine.pd_calls import PullResult
 from pdbridge.engine.scheduler import RequestTooLarge
 from pdbridge.plan import Strategy
 from pdbridge.spec import CacheConfig
@@ -297,7 +298,8 @@ class NodeService:
         stream.first(wire.TransferStats(
             outcome.nbytes, outcome.descriptors, seconds, outcome.recomputed,
             tuple(sorted({r.strategy for r in outcome.results if r.strategy})),
-            tuple(outcome.errors), queued_s=waited_s, pull_s=outcome.rank_pull_s))
+            tuple(outcome.errors), queued_s=waited_s, pull_s=outcome.rank_pull_s,
+            pull_parts=_pull_parts(outcome.slowest)))
         self.loop.watch(outcome.request_id, self._sink(stream))
 
     def _post(self, base: str, path: str, body, kind):
@@ -432,3 +434,12 @@ class _TokenStream:
 
     async def get(self) -> wire.TokenEvent:
         return await self._queue.get()
+
+
+def _pull_parts(result: PullResult | None) -> wire.PullParts | None:
+    """A rank's PullPhases on the wire, with what they leave out of its seconds as other_s."""
+    ph = result.phases if result is not None else None
+    if ph is None:
+        return None
+    parts = (ph.plan_s, ph.peers_s, ph.read_s, ph.verify_s, ph.notify_s)
+    return wire.PullParts(*parts, other_s=max(0.0, result.seconds - sum(parts)))

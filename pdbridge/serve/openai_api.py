@@ -256,6 +256,8 @@ class Front:
                     m.transfer_seconds.observe(ev.transfer.seconds)
                     m.transfer_queued_seconds.observe(ev.transfer.queued_s)
                     m.pull_seconds.observe(ev.transfer.pull_s)
+                    if ev.transfer.pull_parts is not None:
+                        m.observe_pull_parts(ev.transfer.pull_parts)
                     if ev.transfer.recomputed:
                         m.recomputed.inc()
                         m.failures.labels("transfer_recomputed").inc()

@@ -117,6 +117,19 @@ class ReadDigests(_Wire):
     digests: dict[int, dict[int, int]]  # prefill rank -> decode rank -> xxh3_64
 
 
+class PullParts(_Wire):
+    """Where the slowest decode rank's pull went (seconds on that rank; PullPhases)."""
+    plan_s: float = 0.0         # planning; 0 when the rank's plan cache served
+    peers_s: float = 0.0        # metadata of the prefill ranks read from
+    read_s: float = 0.0         # NIXL reads posted and waited, local restore
+    verify_s: float = 0.0       # checksums
+    notify_s: float = 0.0       # ReadDone to the prefill ranks
+    other_s: float = 0.0        # the rest: the layout lookup, a cached plan, the answer
+
+
+PULL_PARTS = tuple(f[:-2] for f in PullParts.__struct_fields__)     # plan, peers, ...
+
+
 class TransferStats(_Wire):
     """One request's transfer stage as the decode server saw it, end to end and in parts."""
     nbytes: int
@@ -129,6 +142,7 @@ class TransferStats(_Wire):
     queued_s: float = 0.0       # of `seconds`: waiting for the engine loop and the transfer
                                 # thread (steps, backlog, earlier transfers)
     pull_s: float = 0.0         # the slowest decode rank's own pull: plan, read, notify
+    pull_parts: PullParts | None = None     # of pull_s, in parts (pull mode)
 
 
 class TokenEvent(_Wire):

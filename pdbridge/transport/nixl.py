@@ -52,7 +52,8 @@ class _Peer:
 
     def __init__(self, md: PeerMetadata, table: ChunkTable, dlist: Any):
         self.md, self.table, self.dlist = md, table, dlist
-        self.entries = [*md.regions, md.scratch or (0, 0, 0)]
+        self.entries = _Entries([*md.regions, md.scratch or (0, 0, 0)])
+        self.sizes = [r[1] for r in md.regions]
 
 
 # Reads of at most this many runs get one descriptor per run (NixlTransport.read_descs);
@@ -122,9 +123,9 @@ class NixlTransport:
             raise TransferError(f"registering regions of {self.name!r}: {_err(e)}") from None
         self._infos = infos
         n = len(self._sizes)
-        self._local_entries = [(i.addr, i.nbytes, i.device) for i in infos[:n]] + [
+        self._local_entries = _Entries([(i.addr, i.nbytes, i.device) for i in infos[:n]] + [
             (infos[n].addr, infos[n].nbytes, infos[n].device) if scratch is not None
-            else (0, 0, 0)]
+            else (0, 0, 0)])
 
     def metadata(self) -> bytes:
         self._check_open()
@@ -174,7 +175,7 @@ class NixlTransport:
         p = self._peers.get(peer)
         if p is None:
             raise TransferError(f"unknown peer {peer!r}; known: {sorted(self._peers)}")
-        check_ranges(reads, [r[1] for r in p.md.regions], p.md.region_nbytes(SCRATCH),
+        check_ranges(reads, p.sizes, p.md.region_nbytes(SCRATCH),
                      self._sizes, self._scratch_nbytes, peer)
         if 0 < len(reads) <= DESC_MAX_RUNS:
             return self.read_descs(peer, reads, notify)
@@ -270,12 +271,12 @@ class NixlTransport:
         p = self._peers.get(peer)
         if p is None:
             raise TransferError(f"unknown peer {peer!r}; known: {sorted(self._peers)}")
-        check_ranges(reads, [r[1] for r in p.md.regions], p.md.region_nbytes(SCRATCH),
+        check_ranges(reads, p.sizes, p.md.region_nbytes(SCRATCH),
                      self._sizes, self._scratch_nbytes, peer)
-        remote = [*p.md.regions, p.md.scratch or (0, 0, 0)]
-        local = [(i.addr, i.nbytes, i.device) for i in self._infos[:len(self._sizes)]]
-        local.append((self._infos[-1].addr, 0, self._infos[-1].device) if self._scratch_nbytes
-                     else (0, 0, 0))
+        remote = p.entries
+        local = _Entries([(i.addr, i.nbytes, i.device) for i in self._infos[:len(self._sizes)]]
+                         + [(self._infos[-1].addr, 0, self._infos[-1].device)
+                            if self._scratch_nbytes else (0, 0, 0)])
         try:
             lists = [self._agent.prep_xfer_dlist(agent, _descs(entries, region, offset, reads.nbytes),
                                                  kind)
@@ -401,11 +402,26 @@ class PreparedReads:
     nbytes: int
 
 
-def _descs(entries: list, region: np.ndarray, offset: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
+class _Entries:
+    """An agent's regions then its scratch as (addr, len, device), and as arrays (_descs)."""
+
+    def __init__(self, entries: list[tuple[int, int, int]]):
+        self.rows = list(entries)
+        self.addr = np.asarray([e[0] for e in entries], np.int64)
+        self.dev = np.asarray([e[2] for e in entries], np.int64)
+
+    def __iter__(self):
+        return iter(self.rows)
+
+
+def _descs(entries: _Entries, region: np.ndarray, offset: np.ndarray,
+           nbytes: np.ndarray) -> np.ndarray:
     """Nx3 (addr, len, device) for runs; region SCRATCH (-1) picks the last entry."""
-    addr = np.asarray([e[0] for e in entries], np.int64)
-    dev = np.asarray([e[2] for e in entries], np.int64)
-    return np.stack([addr[region] + offset, nbytes, dev[region]], axis=1).astype(np.uint64)
+    out = np.empty((len(nbytes), 3), np.uint64)
+    out[:, 0] = entries.addr[region] + offset
+    out[:, 1] = nbytes
+    out[:, 2] = entries.dev[region]
+    return out
 
 
 def _quietly(fn, *args) -> None:

@@ -115,9 +115,12 @@ class ReadList:
     def from_plan(plan: TransferPlan, prefill_rank: int) -> "ReadList":
         """The reads of `plan` served by one prefill rank."""
         i = plan.reads_from(prefill_rank)
-        return ReadList(plan.src_region[i].astype(np.int32), plan.src_offset[i].astype(np.int64),
-                        plan.dst_region[i].astype(np.int32), plan.dst_offset[i].astype(np.int64),
-                        plan.nbytes[i].astype(np.int64))
+        whole = len(i) == len(plan.nbytes)          # one source rank: the plan's own arrays
+        pick = (lambda a, dt: a.astype(dt, copy=False)) if whole else \
+            (lambda a, dt: a[i].astype(dt, copy=False))
+        return ReadList(pick(plan.src_region, np.int32), pick(plan.src_offset, np.int64),
+                        pick(plan.dst_region, np.int32), pick(plan.dst_offset, np.int64),
+                        pick(plan.nbytes, np.int64))
 
 
 class PeerMetadata(msgspec.Struct, frozen=True):
@@ -153,12 +156,13 @@ def check_ranges(reads: ReadList, src_sizes: Sequence[int], src_scratch: int,
     for side, region, offset, sizes, scratch in (
             ("source", reads.src_region, reads.src_offset, src_sizes, src_scratch),
             ("destination", reads.dst_region, reads.dst_offset, dst_sizes, dst_scratch)):
-        lengths = np.append(np.asarray(sizes, np.int64), scratch)   # SCRATCH (-1) -> last
-        bad_id = (region < SCRATCH) | (region >= len(sizes))
-        if bad_id.any():
-            i = int(np.argmax(bad_id))
+        if not len(region):
+            continue
+        if region.min() < SCRATCH or region.max() >= len(sizes):
+            i = int(np.argmax((region < SCRATCH) | (region >= len(sizes))))
             raise TransferError(f"read {i} from {peer}: {side} region {int(region[i])} does not "
                                 f"exist ({len(sizes)} regions, SCRATCH={SCRATCH})")
+        lengths = np.append(np.asarray(sizes, np.int64), scratch)   # SCRATCH (-1) -> last
         end = offset + reads.nbytes
         bad = (offset < 0) | (end > lengths[region])
         if bad.any():

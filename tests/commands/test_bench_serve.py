@@ -63,6 +63,8 @@ def test_bench_serve_runs_both_deployments(capsys, tmp_path):
     # The decode ranks' pull is a part of the end-to-end stage, and so is the queueing.
     assert 0 < res["pd"]["pull_s_mean"] <= res["pd"]["transfer_s_mean"]
     assert 0 <= res["pd"]["transfer_queued_s_mean"] <= res["pd"]["transfer_s_mean"]
+    parts = res["pd"]["pull_parts_s_mean"]          # the pull in parts, through /metrics
+    assert parts["read"] > 0 and sum(parts.values()) == pytest.approx(res["pd"]["pull_s_mean"])
     assert plot.stat().st_size > 0
     assert res["pd"]["peak_rss_mib"] > res["both"]["peak_rss_mib"] > 0    # 3 servers vs 1
 

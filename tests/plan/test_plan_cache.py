@@ -137,3 +137,35 @@ def test_assembly_needs_equal_block_sizes_and_refuses_like_the_planner():
             plan_transfer(p, p, 0, bad, bad)
         with pytest.raises(ValueError, match=str(fresh.value).split(":")[0]):
             cache.plan(p, p, 0, bad, bad, "direct")
+
+
+@pytest.mark.parametrize("preset,p_tp,d_tp,cfg", [
+    ("nemotron-h-8b", 1, 2, {}),
+    ("nemotron-h-8b", 3, 2, {"kernel_block_tokens": 8, "block_tokens": 32}),
+    ("jamba-mini-1.5", 1, 2, {"attn_layout": "heads_across_blocks"}),
+    ("lfm2-1.2b", 2, 1, {}),
+])
+def test_moved_runs_are_the_assembled_runs(preset, p_tp, d_tp, cfg):
+    """direct(): a token count's runs kept at block ids 0 and moved to each request's ids;
+    direct_slow(), its reference, assembles them afresh: the same runs in the same order, the
+    same groups, for every token count (tails, whole blocks) and any block ids; and the kept
+    arrays cannot be written through a plan."""
+    from pdbridge.plan.plan_cache import _BlockRuns
+    from pdbridge.spec import CacheConfig, EngineLayout, get_preset
+    spec = get_preset(preset)
+    prefill = EngineLayout(spec, p_tp, CacheConfig(num_blocks=12, **cfg))
+    decode = EngineLayout(spec, d_tp, CacheConfig(num_blocks=9, **cfg))
+    rng = np.random.default_rng(p_tp * 7 + d_tp)
+    runs = _BlockRuns(prefill, decode, d_tp - 1)
+    bt = decode.block_tokens
+    for n in [*range(1, 2 * bt + 2), 4 * bt, 4 * bt - 1] * 2:    # each count kept, then reused
+        pb, db = _random_blocks(rng, prefill, n), _random_blocks(rng, decode, n)
+        fast, slow = runs.direct(pb, db), runs.direct_slow(pb, db)
+        for part in ("paged", "state"):
+            a, b = getattr(fast, part), getattr(slow, part)
+            for f in dataclasses.fields(a):
+                assert np.array_equal(getattr(a, f.name), getattr(b, f.name)), (n, part, f.name)
+        assert fast.groups == slow.groups and fast.minimal_nbytes == slow.minimal_nbytes
+    kept = runs._whole[1].runs if len(runs.full) else runs._state_moves.runs
+    with pytest.raises(ValueError, match="read-only"):
+        kept.src_offset[0] += 1

@@ -47,6 +47,9 @@ def test_decoded_from_the_pulled_state(nodes):
         assert tokens == expect
         assert not stats.recomputed and stats.nbytes > 0
         assert 0 < stats.pull_s <= stats.seconds and 0 <= stats.queued_s <= stats.seconds
+        parts = [getattr(stats.pull_parts, p + "_s") for p in wire.PULL_PARTS]
+        assert stats.pull_parts.read_s > 0 and min(parts) >= 0     # the parts make up pull_s
+        assert sum(parts) == pytest.approx(stats.pull_s, rel=1e-6)
 
 
 def test_a_client_leaving_mid_transfer_frees_the_blocks_after_the_pull(nodes, monkeypatch):
