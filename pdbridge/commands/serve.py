@@ -40,6 +40,10 @@ def add_arguments(parser) -> None:
                         help="decode: deadline of one pull (default 30)")
     parser.add_argument("--checksums", action="store_true",
                         help="prefill and decode: digest and compare every transferred byte")
+    parser.add_argument("--pull-batch", type=int, default=16, metavar="N",
+                        help="decode: pull up to N waiting requests in one round trip to the "
+                             "ranks, their reads in flight together (default 16; 1: one at a "
+                             "time)")
     parser.add_argument("--side-channel-host", metavar="ADDR",
                         help="prefill: the address its ranks' metadata servers bind, which "
                              "decode servers on other hosts must reach (default: --host). "
@@ -60,6 +64,8 @@ def check(args) -> str:
         return f"--port must be in 1..65535, got {args.port}"
     if args.lease_s <= 0 or args.pull_timeout_s <= 0:
         return "--lease-s and --pull-timeout-s must be > 0"
+    if args.pull_batch < 1:
+        return f"--pull-batch must be >= 1, got {args.pull_batch}"
     if args.model is not None and not os.path.isfile(os.path.join(args.model, "config.json")):
         return f"--model {args.model!r}: no config.json there (want an HF model directory)"
     if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
@@ -93,7 +99,7 @@ def run(args) -> int:
                         cache=cache, model_name=args.model_name, device=args.device,
                         strategy=args.strategy, on_failure=OnFailure(args.on_failure),
                         lease_s=args.lease_s, pull_timeout_s=args.pull_timeout_s,
-                        checksums=args.checksums,
+                        checksums=args.checksums, pull_batch=args.pull_batch,
                         side_channel_host=args.side_channel_host or args.host)
     print(f"{prog}: starting the {args.role} engine (TP={args.tp}) ...", file=sys.stderr,
           flush=True)

@@ -30,6 +30,8 @@ def add_arguments(parser) -> None:
                         choices=("auto", "direct", "staging", "permute"))
     parser.add_argument("--on-failure", default="recompute", choices=("recompute", "fail"))
     parser.add_argument("--checksums", action="store_true")
+    parser.add_argument("--pull-batch", type=int, default=16, metavar="N",
+                        help="decode servers: requests pulled in one round trip (default 16)")
     parser.add_argument("--timeout-s", type=float, default=120.0, metavar="S",
                         help="the router's deadline per upstream call (default 120)")
     parser.add_argument("--log-level", default="warning",
@@ -50,6 +52,8 @@ def check(args) -> tuple[str, list[int]]:
         return f"--port {args.port}: want 1..{65534 - len(dtps)}", []
     if args.num_blocks < 2:
         return f"--num-blocks must be >= 2, got {args.num_blocks}", []
+    if args.pull_batch < 1:
+        return f"--pull-batch must be >= 1, got {args.pull_batch}", []
     if args.model is not None and not os.path.isfile(os.path.join(args.model, "config.json")):
         return f"--model {args.model!r}: no config.json there (want an HF model directory)", []
     return "", dtps
@@ -132,6 +136,7 @@ def run(args) -> int:
         port = args.port + 2 + i
         servers.append((f"decode{i}", ["--role", "decode", "--tp", str(tp), "--port", str(port),
                                        "--strategy", args.strategy,
+                                       "--pull-batch", str(args.pull_batch),
                                        "--on-failure", args.on_failure], port))
     children = Children()
     try:

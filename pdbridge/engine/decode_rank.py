@@ -17,14 +17,14 @@ import numpy as np
 
 from pdbridge.plan import PlanCache, RequestBlocks, SCRATCH, Strategy, TransferPlan
 from pdbridge.spec import EngineLayout
-from pdbridge.transport.copies import execute_plan
+from pdbridge.transport.copies import check_staging, finish_plan, start_plan
 from pdbridge.transport.handshake import PeerDirectory, peer_name
 from pdbridge.transport.messages import ProtocolError, PushDone, ReadDone, decode, encode
 
 from . import checksums
 from .lease_keeper import LeaseKeeper
-from .pd_calls import (AwaitPush, ChooseStrategy, PDRankInfo, PDSetup, Pull, PullPhases,
-                       PullResult, RankRequest, StrategyChoice)
+from .pd_calls import (AwaitPush, ChooseStrategy, PDRankInfo, PDSetup, Pull, PullBatch,
+                       PullBatchResult, PullPhases, PullResult, RankRequest, StrategyChoice)
 from .pd_push import PushInbox
 from .pd_rank import RankBase
 from .rank_channel import RankChannelServer
@@ -74,8 +74,34 @@ class DecodeRank(RankBase):
         return StrategyChoice(self.rank, plan.strategy)
 
     def pull(self, call: Pull) -> PullResult:
-        t0 = time.perf_counter()
-        phases = PullPhases()
+        pending = self._begin(call)
+        return pending if isinstance(pending, PullResult) else self._end(pending)
+
+    def pull_batch(self, call: PullBatch) -> PullBatchResult:
+        """Several requests' pulls in one call: every request's reads are posted before any
+        is waited for, so they are in flight together (and the node pays one round trip).
+        A plan that uses this rank's scratch is read and finished alone, before the next
+        request starts: scratch holds one request's bytes at a time. Each request fails or
+        succeeds on its own; its ReadDone goes out when its own reads ended."""
+        results: list[PullResult | None] = [None] * len(call.pulls)
+        in_flight: list[tuple[int, _Pending]] = []
+        for i, one in enumerate(call.pulls):
+            pending = self._begin(one, post=False)
+            if isinstance(pending, PullResult):
+                results[i] = pending
+            elif pending.error is not None or _uses_scratch(pending.plan):
+                results[i] = self._end(self._post(pending))     # failed, or alone
+            else:
+                in_flight.append((i, self._post(pending)))
+        for i, pending in in_flight:
+            results[i] = self._end(pending)
+        return PullBatchResult(self.rank, results)
+
+    def _begin(self, call: Pull, post: bool = True) -> "_Pending | PullResult":
+        """Plan, fetch the source ranks' metadata, and (post) submit the reads; a finished
+        (failed, or needs_prepare) PullResult when it cannot go on."""
+        pending = _Pending(call, time.perf_counter())
+        phases = pending.phases
         plan: TransferPlan | None = None
         try:
             prefill = self._layout(call.prefill_layout)
@@ -83,47 +109,74 @@ class DecodeRank(RankBase):
             plan, phases.plan_cached = self._plan(prefill, call,
                                                   call.strategies.get(self.rank, call.strategy))
             t1 = time.perf_counter()
-            phases.plan_s = 0.0 if phases.plan_cached else t1 - t0
+            phases.plan_s = 0.0 if phases.plan_cached else t1 - pending.t0
             if _needs_prepare(plan, call.scratch_bases, self.rank):
                 return PullResult(self.rank, False, f"{plan.strategy.value} needs the prefill "
                                   f"ranks to prepare first", plan.strategy.value,
                                   plan.source_ranks(), needs_prepare=True,
-                                  seconds=time.perf_counter() - t0, phases=phases)
-            sources = plan.source_ranks()
+                                  seconds=time.perf_counter() - pending.t0, phases=phases)
+            pending.prefill, pending.sources = prefill, plan.source_ranks()
             # Exactly the prefill ranks this plan reads from, each fetched once per engine.
-            self.directory.get_ranks(call.prefill_engine_id, sources, lambda r: call.endpoints[r])
-            t2 = time.perf_counter()
-            phases.peers_s = t2 - t1
-            plan = _with_scratch_bases(plan, call.scratch_bases)
-            self._read(call, plan, sources)
-            t3 = time.perf_counter()
-            phases.read_s = t3 - t2
-            if call.checksums is not None:
-                self._verify(call, prefill, plan)
-            phases.verify_s = time.perf_counter() - t3
-            result = PullResult(self.rank, True, "", plan.strategy.value, sources,
-                                plan.total_nbytes, plan.num_descriptors)
+            self.directory.get_ranks(call.prefill_engine_id, pending.sources,
+                                     lambda r: call.endpoints[r])
+            phases.peers_s = time.perf_counter() - t1
+            pending.plan = _with_scratch_bases(plan, call.scratch_bases)
         except Exception as e:
+            pending.error = e
+            if pending.plan is None:
+                pending.plan = plan         # planned, then failed: the result names it
+        return self._post(pending) if post else pending
+
+    def _post(self, pending: "_Pending") -> "_Pending":
+        """Submit the request's reads (start_plan), its lease renewed meanwhile."""
+        if pending.error is not None:
+            return pending
+        call, t2 = pending.call, time.perf_counter()
+        pending.t_read = t2
+        peers = {r: peer_name(call.prefill_engine_id, r) for r in pending.sources}
+        self.leases.start(call.request_id, [call.endpoints[r] for r in pending.sources],
+                          call.renew_every_s)
+        try:
+            check_staging(pending.plan, self.scratch)
+            with self._agent_lock:
+                pending.handles = start_plan(self.transport, pending.plan, peers)
+        except Exception as e:
+            self.leases.stop(call.request_id)
+            pending.error = e
+        return pending
+
+    def _end(self, pending: "_Pending") -> PullResult:
+        """Wait for the request's reads, restore, verify; then ReadDone to its sources."""
+        call, phases, plan = pending.call, pending.phases, pending.plan
+        if pending.error is None:
+            try:
+                try:
+                    with self._agent_lock:
+                        finish_plan(self.transport, plan, pending.handles,
+                                    self.caches.region_buffers, self.scratch, call.timeout_s)
+                finally:
+                    self.leases.stop(call.request_id)
+                t3 = time.perf_counter()
+                phases.read_s = t3 - pending.t_read
+                if call.checksums is not None:
+                    self._verify(call, pending.prefill, plan)
+                phases.verify_s = time.perf_counter() - t3
+            except Exception as e:
+                pending.error = e
+        if pending.error is None:
+            result = PullResult(self.rank, True, "", plan.strategy.value, pending.sources,
+                                plan.total_nbytes, plan.num_descriptors)
+        else:
+            e = pending.error
             result = PullResult(self.rank, False, f"{type(e).__name__}: {e}",
-                                plan.strategy.value if plan else "",
-                                plan.source_ranks() if plan else [])
+                                plan.strategy.value if plan is not None else "",
+                                plan.source_ranks() if plan is not None else [])
         t4 = time.perf_counter()
         self._notify_sources(call, result)
         phases.notify_s = time.perf_counter() - t4
         result.phases = phases
-        result.seconds = time.perf_counter() - t0
+        result.seconds = time.perf_counter() - pending.t0
         return result
-
-    def _read(self, call: Pull, plan: TransferPlan, sources: list[int]) -> None:
-        peers = {r: peer_name(call.prefill_engine_id, r) for r in sources}
-        self.leases.start(call.request_id, [call.endpoints[r] for r in sources],
-                          call.renew_every_s)
-        try:
-            with self._agent_lock:
-                execute_plan(self.transport, plan, peers, self.caches.region_buffers,
-                             self.scratch, call.timeout_s)
-        finally:
-            self.leases.stop(call.request_id)
 
     def _verify(self, call: Pull, prefill: EngineLayout, plan: TransferPlan) -> None:
         """Compare what landed in this rank's cache with the prefill ranks' digests."""
@@ -160,6 +213,26 @@ class DecodeRank(RankBase):
         self.channel.close()        # no request runs after this
         self.leases.close()
         super().close()
+
+
+@dataclasses.dataclass
+class _Pending:
+    """One request's pull between _begin and _end on this rank."""
+    call: Pull
+    t0: float
+    phases: PullPhases = dataclasses.field(default_factory=PullPhases)
+    prefill: EngineLayout | None = None
+    plan: TransferPlan | None = None
+    sources: list[int] = dataclasses.field(default_factory=list)
+    handles: list = dataclasses.field(default_factory=list)
+    t_read: float = 0.0
+    error: Exception | None = None
+
+
+def _uses_scratch(plan: TransferPlan) -> bool:
+    """The plan lands bytes in (or restores from) this rank's scratch."""
+    return bool(plan.staging_nbytes) or bool(len(plan.decode_restore)) or \
+        bool((plan.dst_region == SCRATCH).any())
 
 
 def _needs_prepare(plan: TransferPlan, bases: dict[int, dict[int, int]], decode_rank: int) -> bool:

@@ -158,6 +158,13 @@ class Pull(RankRequest):
     checksums: dict[int, dict[int, int]] | None = None
 
 
+class PullBatch(RankRequest):
+    """Decode ranks: several requests' Pulls in one round trip, their reads in flight
+    together (DecodeRank.pull_batch); one PullResult per pull, in order."""
+    handler: ClassVar[str] = "pull_batch"
+    pulls: list[Pull]
+
+
 class PullPhases(msgspec.Struct):
     """One decode rank's pull, piece by piece (seconds on that rank)."""
     plan_s: float = 0.0                     # plan_transfer, or 0 when the cached plan served
@@ -182,6 +189,11 @@ class PullResult(msgspec.Struct):
     # prefill ranks must first gather into scratch (permute), and the Pull brought no scratch
     # bases for it. The node asks the prefill side to prepare, then pulls this rank again.
     needs_prepare: bool = False
+
+
+class PullBatchResult(msgspec.Struct):
+    rank: int
+    results: list[PullResult]               # one per PullBatch.pulls, in their order
 
 
 # ---- push mode -------------------------------------------------------------------------------

@@ -27,11 +27,11 @@ import zmq
 
 from pdbridge.transport.handshake import serve_until
 
-from .pd_calls import ChooseStrategy, Pull, RankRequest
+from .pd_calls import ChooseStrategy, Pull, PullBatch, RankRequest
 
 log = logging.getLogger(__name__)
 POLL_MS = 50                # the node's wait: how often it checks the ranks are alive
-_requests = msgspec.msgpack.Decoder(Union[ChooseStrategy, Pull])
+_requests = msgspec.msgpack.Decoder(Union[ChooseStrategy, Pull, PullBatch])
 
 
 class RankChannelServer:

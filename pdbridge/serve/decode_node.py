@@ -23,9 +23,11 @@ import itertools
 from dataclasses import dataclass
 from typing import Callable
 
+import msgspec
+
 from pdbridge.engine.llm_engine import Engine, EngineError, RequestHandle
-from pdbridge.engine.pd_calls import (AwaitPush, ChooseStrategy, PDSetup, Pull, PullResult,
-                                     PushTarget, StrategyChoice)
+from pdbridge.engine.pd_calls import (AwaitPush, ChooseStrategy, PDSetup, Pull, PullBatch,
+                                     PullBatchResult, PullResult, PushTarget, StrategyChoice)
 from pdbridge.engine.rank_channel import RankChannel
 from pdbridge.engine.request import SamplingParams
 from pdbridge.plan import PUSH_STRATEGIES, Strategy, parse_strategy
@@ -109,6 +111,27 @@ class PullOutcome:
     @property
     def errors(self) -> list[str]:
         return [f"decode rank {r.rank}: {r.detail}" for r in self.results if not r.ok]
+
+
+@dataclass(frozen=True)
+class PullJob:
+    """One request's pull as pull_results takes it; a server hands several to
+    pull_results_many."""
+    handle: RequestHandle
+    params: TransferParams
+    scratch_bases: dict[int, dict[int, int]] | None = None
+    renew_every_s: float = 0.0
+    strategies: dict[int, Strategy] | None = None
+    checksums: dict[int, dict[int, int]] | None = None
+    prepare: Prepare | None = None
+
+
+@dataclass
+class _FirstPull:
+    job: PullJob
+    chosen: dict[int, Strategy]             # rank -> strategy, so far
+    bases: dict[int, dict[int, int]]        # prefill rank -> decode rank -> scratch base
+    pull: Pull
 
 
 class DecodeNode:
@@ -234,7 +257,34 @@ class DecodeNode:
         PrepareFailed) they fail, for the failure policy. A handshake that fails is every
         rank's failed result; TransferRefused and EngineError are raised (the caller frees
         the request)."""
-        b = handle.blocks
+        out = self.pull_results_many([PullJob(handle, params, scratch_bases, renew_every_s,
+                                              strategies, checksums, prepare)])[0]
+        if isinstance(out, BaseException):
+            raise out
+        return out
+
+    def pull_results_many(self, jobs: list["PullJob"]
+                          ) -> list[tuple[PullResult, ...] | BaseException]:
+        """pull_results of several requests, their first pulls in one round trip to each
+        rank (PullBatch: the reads of all of them in flight together); what needs a second
+        pull (permute, prepared after the first) goes alone. Per job: its results, or the
+        ValueError / TransferRefused pull_results would raise for it. EngineError (a rank's
+        process died) is raised: it fails every job."""
+        out: list = []
+        for job in jobs:
+            try:
+                out.append(self._first_pull(job))
+            except (ValueError, TransferRefused) as e:
+                out.append(e)
+        firsts = [(i, r) for i, r in enumerate(out) if isinstance(r, _FirstPull)]
+        answers = self._pull_all([r.pull for _, r in firsts])
+        for (i, first), results in zip(firsts, answers):
+            out[i] = self._then_prepared(first, results)
+        return out
+
+    def _first_pull(self, job: "PullJob") -> "_FirstPull | tuple[PullResult, ...]":
+        """The job's first Pull, or every rank's failed result when it cannot be asked."""
+        b, params = job.handle.blocks, job.params
         if b.num_tokens != params.num_tokens:
             raise ValueError(f"decode blocks hold {b.num_tokens} tokens, the prefill engine "
                              f"computed {params.num_tokens}")
@@ -242,29 +292,45 @@ class DecodeNode:
             prefill_layout = self.prefill_layout(params)
         except HandshakeError as e:             # peer gone, stalled, another secret
             return self._all_failed(str(e))
-        chosen = dict(strategies) if strategies else (
+        chosen = dict(job.strategies) if job.strategies else (
             {} if self.strategy is Strategy.AUTO else {j: self.strategy for j in range(self.tp_size)})
-        bases = dict(scratch_bases or {})
-        if prepare is not None and not bases and Strategy.PERMUTE in chosen.values():
+        bases = dict(job.scratch_bases or {})
+        if job.prepare is not None and not bases and Strategy.PERMUTE in chosen.values():
             try:                                # known before any read: prepare first
-                bases = prepare(chosen)
+                bases = job.prepare(chosen)
             except PrepareFailed as e:
                 return self._all_failed(f"before the pull: {e}")
+        return _FirstPull(job, chosen, bases, Pull(
+            params.request_id, params.engine_id, prefill_layout, params.endpoints,
+            params.prefill_blocks, (b.num_tokens, b.attn_blocks, b.state_block),
+            self.strategy, bases, self.pull_timeout_s, job.renew_every_s, chosen,
+            (job.checksums or {}) if self.checksums else None))
 
-        def pull_ranks(ranks: list[int] | None) -> dict[int, PullResult]:
-            # Each rank reads within pull_timeout_s after a handshake of at most as long.
-            timeout_s = 2 * self.pull_timeout_s + CHANNEL_SLACK_S
-            answers = self._ask_ranks(Pull(
-                params.request_id, params.engine_id, prefill_layout, params.endpoints,
-                params.prefill_blocks, (b.num_tokens, b.attn_blocks, b.state_block),
-                self.strategy, bases, self.pull_timeout_s, renew_every_s, chosen,
-                (checksums or {}) if self.checksums else None), PullResult, timeout_s, ranks)
-            return {j: answers.get(j) or PullResult(j, False, f"no answer within {timeout_s:g} s")
-                    for j in (range(self.tp_size) if ranks is None else ranks)}
+    def _pull_all(self, pulls: list[Pull], ranks: list[int] | None = None
+                  ) -> list[dict[int, PullResult]]:
+        """Each Pull's answers (rank -> PullResult), from every rank (or those in `ranks`):
+        one Pull as it is, several as one PullBatch."""
+        if not pulls:
+            return []
+        # Each rank reads within pull_timeout_s after a handshake of at most as long, per pull.
+        timeout_s = len(pulls) * 2 * self.pull_timeout_s + CHANNEL_SLACK_S
+        asked = range(self.tp_size) if ranks is None else ranks
+        if len(pulls) == 1:
+            answers = [self._ask_ranks(pulls[0], PullResult, timeout_s, ranks)]
+        else:
+            batches = self._ask_ranks(PullBatch(pulls), PullBatchResult, timeout_s, ranks)
+            answers = [{j: a.results[i] for j, a in batches.items() if len(a.results) > i}
+                       for i in range(len(pulls))]
+        return [{j: a.get(j) or PullResult(j, False, f"no answer within {timeout_s:g} s")
+                 for j in asked} for a in answers]
 
-        results = pull_ranks(None)
+    def _then_prepared(self, first: "_FirstPull", results: dict[int, PullResult]
+                       ) -> tuple[PullResult, ...]:
+        """After the first pull: the ranks that answered needs_prepare are prepared for
+        (first.job.prepare) and pull again, or fail with the reason."""
         waiting = {j: Strategy(r.strategy) for j, r in results.items() if r.needs_prepare}
         if waiting:
+            prepare, bases = first.job.prepare, first.bases
             try:
                 if prepare is None:
                     raise PrepareFailed("nothing asks the prefill side to prepare (no prepare "
@@ -276,8 +342,10 @@ class DecodeNode:
                     results[j] = PullResult(j, False, f"{results[j].detail}: {e}",
                                             results[j].strategy, results[j].sources)
             else:
-                chosen.update(waiting)
-                results.update(pull_ranks(sorted(waiting)))
+                first.chosen.update(waiting)
+                again = msgspec.structs.replace(first.pull, scratch_bases=bases,
+                                                strategies=first.chosen)
+                results.update(self._pull_all([again], sorted(waiting))[0])
         return tuple(results[j] for j in range(self.tp_size))
 
     def finish_pull(self, handle: RequestHandle, results: tuple[PullResult, ...]) -> PullOutcome:

@@ -20,14 +20,15 @@ from typing import AsyncIterator, Callable
 
 import httpx
 
-from pdbridge.engine.llm_engine import Engine, EngineError, EngineFull, StepOutput
+from pdbridge.engine.llm_engine import Engine, EngineError, EngineFull, RequestHandle, StepOutput
 from pdbridge.engine.pd_calls import PullResult
 from pdbridge.engine.scheduler import RequestTooLarge
 from pdbridge.plan import Strategy
 from pdbridge.spec import CacheConfig
 
 from . import wire
-from .decode_node import DecodeNode, OnFailure, PrepareFailed, PullFailed, TransferRefused
+from .decode_node import (DecodeNode, OnFailure, PrepareFailed, PullFailed, PullJob,
+                          TransferRefused)
 from .engine_loop import EngineLoop
 from .prefill_node import PrefillNode
 from .tokenizer import read_files
@@ -58,6 +59,7 @@ class NodeConfig:
     timeout_s: float = 60.0                 # engine collectives
     pull_timeout_s: float = 30.0            # one pull (handshake and reads)
     checksums: bool = False
+    pull_batch: int = 16                    # decode: most queued requests in one pull round trip
     side_channel_host: str = "127.0.0.1"    # prefill: where decode ranks reach its ranks
 
 
@@ -102,9 +104,11 @@ class NodeService:
         self._backlog: deque[tuple[Callable[[], bool], "_TokenStream"]] = deque()
         self._http = httpx.Client(timeout=config.pull_timeout_s) if role is Role.DECODE else None
         # decode: the one thread that runs transfers off the engine loop (and alone uses
-        # _http and the node's rank channel while the server runs)
+        # _http and the node's rank channel while the server runs); it takes what queued
+        # meanwhile as one batch (_transfer_queued)
         self._transfers = ThreadPoolExecutor(1, thread_name_prefix="transfer") \
             if role is Role.DECODE else None
+        self._queued: deque[_Queued] = deque()
         self.loop = EngineLoop(self.node, engine, name=f"engine-loop-{role.value}",
                                idle=self._idle, after_step=self._after_step,
                                on_broken=self._broken)
@@ -113,6 +117,8 @@ class NodeService:
         self.loop.close()
         if self._transfers is not None:     # a running transfer ends within its deadlines
             self._transfers.shutdown(wait=True, cancel_futures=True)
+            while self._queued:             # allocated, never pulled: the server is closing
+                self._queued.popleft().stream.fail(RuntimeError("the server was closed"))
         if self._http is not None:
             self._http.close()
         self.node.close()
@@ -228,41 +234,67 @@ class NodeService:
                 except BaseException as e:
                     stream.fail(e)
                     return True
-                self._transfers.submit(self._transfer, node, handle, req, stream, t0, waited_s,
-                                       time.perf_counter())
+                self._queued.append(_Queued(handle, req, stream, t0, waited_s,
+                                            time.perf_counter()))
+                self._transfers.submit(self._transfer_queued)
                 return True
             if self._backlog or not attempt():
                 self._backlog.append((attempt, stream))
         async for event in self._run(start, stream):
             yield event
 
-    def _transfer(self, node: DecodeNode, handle, req: wire.TransferRequest,
-                  stream: "_TokenStream", t0: float, waited_s: float, t_submit: float) -> None:
-        """On the transfer thread: the part of a transfer that needs no engine (strategies,
-        the prefill side's part, the ranks' pulls), while the loop thread goes on stepping;
-        then the engine's part (_finish) back on the loop thread."""
-        waited_s += time.perf_counter() - t_submit
+    def _transfer_queued(self) -> None:
+        """On the transfer thread: the part of the transfers that needs no engine
+        (strategies, the prefill side's part, the ranks' pulls) for every request queued by
+        now, in one batch (up to config.pull_batch; a later call takes the rest), while the
+        loop thread goes on stepping; then each one's engine part (_finish) back on it."""
+        batch: list[_Queued] = []
+        while self._queued and len(batch) < self.config.pull_batch:
+            batch.append(self._queued.popleft())
+        if not batch:
+            return                              # an earlier call took them
+        now = time.perf_counter()
         try:
-            verdict = self._pull_results(node, handle, req)
-        except BaseException as e:              # TransferRefused, EngineError
-            verdict = e
-        seconds = time.perf_counter() - t0      # the state is in place (or the pull failed)
-        fut = self.loop.call(lambda n: self._finish(n, handle, stream, verdict, seconds,
-                                                    waited_s))
-        fut.add_done_callback(lambda f: f.exception() is not None and stream.fail(f.exception()))
+            verdicts = self._pull_results(self.node, batch)
+        except BaseException as e:              # EngineError: a rank died, all fail
+            verdicts = [e] * len(batch)
+        for q, verdict in zip(batch, verdicts):
+            seconds = time.perf_counter() - q.t0    # the state is in place (or it failed)
+            waited_s = q.waited_s + now - q.t_submit
+            fut = self.loop.call(lambda n, q=q, v=verdict, s=seconds, w=waited_s:
+                                 self._finish(n, q.handle, q.stream, v, s, w))
+            fut.add_done_callback(lambda f, q=q: f.exception() is not None
+                                  and q.stream.fail(f.exception()))
 
-    def _pull_results(self, node: DecodeNode, handle, req: wire.TransferRequest):
-        """The ranks' PullResults, or why the prefill side's part failed before any rank
-        pulled (a string, for the failure policy). Refusals and dead workers are raised.
-        Each rank resolves `auto` inside its pull; the prefill server is asked to gather
-        (permute) only for the ranks whose plans need it."""
-        params = req.params
-        b = handle.blocks
+    def _pull_results(self, node: DecodeNode, batch: list["_Queued"]) -> list:
+        """Per request: the ranks' PullResults, or why the prefill side's part failed before
+        any rank pulled (a string, for the failure policy), or the refusal to raise on the
+        loop thread (TransferRefused, ValueError). Each rank resolves `auto` inside its
+        pull; the prefill server is asked to gather (permute) only for the ranks whose plans
+        need it."""
+        verdicts: list = [None] * len(batch)
+        jobs, where = [], []
+        for i, q in enumerate(batch):
+            job = self._pull_job(node, q)
+            if isinstance(job, str):
+                verdicts[i] = job
+            else:
+                jobs.append(job)
+                where.append(i)
+        for i, out in zip(where, node.pull_results_many(jobs)):
+            verdicts[i] = out
+        return verdicts
+
+    def _pull_job(self, node: DecodeNode, q: "_Queued") -> PullJob | str:
+        """One request's PullJob (its prefill server's digests fetched when checksums are
+        on), or why the prefill side's part failed."""
+        params = q.req.params
+        b = q.handle.blocks
         decode_blocks = (b.num_tokens, b.attn_blocks, b.state_block)
 
         def prepare(strategies: dict[int, Strategy]) -> dict[int, dict[int, int]]:
             try:
-                return self._post(req.prefill_url, "/pd/prepare_permute", wire.PermuteRequest(
+                return self._post(q.req.prefill_url, "/pd/prepare_permute", wire.PermuteRequest(
                     params.request_id, node.engine_id, node.layout_dict, decode_blocks,
                     strategies), wire.PermuteBases).bases
             except (httpx.HTTPError, RuntimeError, ValueError) as e:
@@ -270,12 +302,11 @@ class NodeService:
         digests = None
         if node.checksums:
             try:
-                digests = self._post(req.prefill_url, "/pd/digest_reads", wire.DigestRequest(
+                digests = self._post(q.req.prefill_url, "/pd/digest_reads", wire.DigestRequest(
                     params.request_id, node.layout_dict, decode_blocks), wire.ReadDigests).digests
             except (httpx.HTTPError, RuntimeError, ValueError) as e:
                 return f"before the pull: {e}"
-        return node.pull_results(handle, params, None, params.lease_s / 3, None, digests,
-                                 prepare)
+        return PullJob(q.handle, params, None, params.lease_s / 3, None, digests, prepare)
 
     def _finish(self, node: DecodeNode, handle, stream: "_TokenStream", verdict,
                 seconds: float, waited_s: float) -> None:
@@ -379,6 +410,17 @@ class NodeService:
             return
         self.loop.unwatch(rid)
         self.engine.discard(rid)
+
+
+@dataclass(frozen=True)
+class _Queued:
+    """Decode: a request allocated on the loop thread, waiting for the transfer thread."""
+    handle: RequestHandle
+    req: wire.TransferRequest
+    stream: "_TokenStream"
+    t0: float               # received
+    waited_s: float         # received -> allocated (the engine loop)
+    t_submit: float         # queued for the transfer thread
 
 
 class _Completion:

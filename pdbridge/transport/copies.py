@@ -73,17 +73,17 @@ def start_plan(transport: Transport, plan: TransferPlan, peers: Mapping[int, str
     return handles
 
 
-def execute_plan(transport: Transport, plan: TransferPlan, peers: Mapping[int, str],
-                 regions: Sequence[Any], scratch: Any | None = None, timeout_s: float = 30.0,
-                 notify: Callable[[int], bytes | None] | None = None) -> None:
-    """Decode side of one request: read from every source rank, wait, run decode_restore.
-
-    The prefill ranks must already have run their `prefill_reorder` (permute).
-    """
+def check_staging(plan: TransferPlan, scratch: Any | None) -> None:
+    """TransferError if the plan needs more staging bytes than the scratch has."""
     if plan.staging_nbytes and (scratch is None or len(scratch) < plan.staging_nbytes):
         raise TransferError(f"plan needs {plan.staging_nbytes} staging bytes; scratch has "
                             f"{0 if scratch is None else len(scratch)}")
-    handles = start_plan(transport, plan, peers, notify)
+
+
+def finish_plan(transport: Transport, plan: TransferPlan, handles: Sequence[XferHandle],
+                regions: Sequence[Any], scratch: Any | None = None,
+                timeout_s: float = 30.0) -> None:
+    """After start_plan: wait for every read, release them all, run decode_restore."""
     try:
         for h in handles:
             transport.wait(h, timeout_s)
@@ -91,3 +91,15 @@ def execute_plan(transport: Transport, plan: TransferPlan, peers: Mapping[int, s
         for h in handles:
             transport.release(h)
     run_copies(plan.decode_restore, regions, scratch)
+
+
+def execute_plan(transport: Transport, plan: TransferPlan, peers: Mapping[int, str],
+                 regions: Sequence[Any], scratch: Any | None = None, timeout_s: float = 30.0,
+                 notify: Callable[[int], bytes | None] | None = None) -> None:
+    """Decode side of one request: read from every source rank, wait, run decode_restore.
+
+    The prefill ranks must already have run their `prefill_reorder` (permute).
+    """
+    check_staging(plan, scratch)
+    finish_plan(transport, plan, start_plan(transport, plan, peers, notify), regions, scratch,
+                timeout_s)

@@ -58,13 +58,13 @@ def test_a_client_leaving_mid_transfer_frees_the_blocks_after_the_pull(nodes, mo
     free = pool.num_free
     node = svc.node
     entered, release = threading.Event(), threading.Event()
-    real = node.pull_results
+    real = node.pull_results_many
 
     def held_pull(*args, **kw):
         entered.set()
         release.wait(30.0)
         return real(*args, **kw)
-    monkeypatch.setattr(node, "pull_results", held_pull)
+    monkeypatch.setattr(node, "pull_results_many", held_pull)
 
     async def leave_mid_transfer():
         gen = svc.decode(_request(pre, PROMPTS[1], 6))
