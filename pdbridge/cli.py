@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+import threading
 
 COMMANDS = {
     "plan": ("plan", "print the transfer plan between a prefill and a decode TP size"),
@@ -44,22 +46,39 @@ def _load(module: str):
     return importlib.import_module(f"pdbridge.commands.{module}")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, unwound like Ctrl-C: every `finally` runs (servers stop their children)."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_module", None):
         parser.print_help()
         return 2
+    # SIGTERM's default ends the process where it stands, skipping every `finally`; uvicorn
+    # also re-raises it once its server stopped. Unwind instead (status 143).
+    main_thread = threading.current_thread() is threading.main_thread()   # signals: only there
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         return int(_load(args._module).run(args) or 0)
-    except KeyboardInterrupt:       # engines closed on the way out (their context managers)
-        print(f"pdbridge {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # engines closed on the way out (their context managers)
+        term = isinstance(e, Terminated)
+        print(f"pdbridge {args.command}: {'terminated' if term else 'interrupted'}",
+              file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
         # Exit here: an interrupt that landed in C-run Python code (torch's import) leaves
         # CPython's "unhandled KeyboardInterrupt" flag set although it was handled, and the
         # interpreter would then end itself with SIGINT (-2) instead of status 130.
-        os._exit(130)
+        os._exit(143 if term else 130)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -41,10 +41,19 @@ def stack(tmp_path_factory):
         yield {"url": f"http://127.0.0.1:{base}", "prefill": f"http://127.0.0.1:{base + 1}",
                "decode": f"http://127.0.0.1:{base + 2}", "proc": up}
     finally:
-        assert up.stop() == 130, up.output          # Ctrl-C: status 130
+        # As a service manager stops it: SIGTERM to `up` alone (Ctrl-C, SIGINT, is what the
+        # single servers' tests send). It unwinds like Ctrl-C and stops its servers: 143.
+        up.p.send_signal(signal.SIGTERM)
+        try:
+            status = up.p.wait(60)
+        finally:
+            up.stop()
+        assert status == 143, up.output
+        assert "[prefill] pdbridge serve: terminated" in up.output, up.output
     # Nothing of the deployment outlives it: the servers and their TP workers are gone.
-    out = os.popen(f"pgrep -f '[p]dbridge.cli serve .*--port {base + 1}'").read()
-    assert out.strip() == "", f"left behind: {out}"
+    for port in (base + 1, base + 2):
+        out = os.popen(f"pgrep -f '[p]dbridge.cli serve .*--port {port}'").read()
+        assert out.strip() == "", f"left behind: {out}"
 
 
 @pytest.fixture(scope="module")
