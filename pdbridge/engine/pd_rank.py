@@ -121,7 +121,11 @@ class RankBase:
                 return
             if notifs:
                 self.expect_reads()
-            time.sleep(POLL_HOT_S if time.monotonic() < self._hot_until else POLL_INTERVAL_S)
+            time.sleep(self.poll_interval(time.monotonic()))
+
+    def poll_interval(self, now: float) -> float:
+        """The poller's next sleep: POLL_HOT_S inside the window expect_reads opened."""
+        return POLL_HOT_S if now < self._hot_until else POLL_INTERVAL_S
 
     def close(self) -> None:
         """Stop the poller, then the transport agent (subclasses close their own parts first)."""
