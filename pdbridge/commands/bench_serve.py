@@ -128,9 +128,11 @@ def histogram_median(before: str, after: str, name: str) -> float:
     return lo
 
 
-def bare_read_s(nbytes: int, reps: int = 50) -> float:
+def bare_read_s(nbytes: int, reps: int = 50, idle_s: float = 0.0) -> float:
     """Median time of one single-descriptor NIXL read of nbytes plus its notification
-    arriving at the other agent (the least any transfer stage can take on this transport)."""
+    arriving at the other agent (the least any transfer stage can take on this transport),
+    each read back to back, or (idle_s > 0) each after this process slept idle_s, as a
+    server's transfer comes after the gap since the one before."""
     from pdbridge.transport.nixl import NixlTransport
     from pdbridge.transport.transport import ReadList, XferState
     nbytes = max(1, int(nbytes))
@@ -146,6 +148,8 @@ def bare_read_s(nbytes: int, reps: int = 50) -> float:
                       one(nbytes, np.int64))
         times = []
         for i in range(reps + 3):
+            if idle_s > 0:
+                time.sleep(idle_s)
             t0 = time.perf_counter()
             h = b.read("bench-bare-src", rl)
             deadline = time.monotonic() + 30.0
@@ -279,12 +283,7 @@ def run_bench(cfg: ServeBenchConfig, progress=lambda m: None) -> dict:
     pd["recomputed"] = int(d["pdbridge_recomputed_total"])
     pd["peak_rss_mib"] = pd_peak
     progress("bare NIXL read + notification of the mean request's bytes")
-    bare = bare_read_s(pd["transfer_bytes_mean"])
-    pd["bare_read_s"] = bare
-    pd["transfer_over_bare"] = pd["transfer_s_mean"] / bare
-    pd["pull_over_bare"] = pd["pull_s_mean"] / bare
-    pd["transfer_p50_over_bare"] = pd["transfer_s_p50"] / bare
-    pd["pull_p50_over_bare"] = pd["pull_s_p50"] / bare
+    measure_bare(pd, cfg)
 
     port = _port()
     progress(f"starting pdbridge serve --role both (TP={cfg.decode_tp})")
@@ -302,6 +301,28 @@ def run_bench(cfg: ServeBenchConfig, progress=lambda m: None) -> dict:
     return out
 
 
+IDLE_REPS = 20             # bare reads after the run's gap (each waits that gap first)
+MAX_IDLE_S = 0.5
+
+
+def measure_bare(pd: dict, cfg: ServeBenchConfig) -> None:
+    """The bare read two ways, and each stage over each: back to back (a hot core: the
+    least there is), and each read after the run's mean gap between requests (wall / count).
+    On this machine a core left idle for a few ms runs the next ~ms of work 2-4x slower
+    (measured: the same warm plan 0.2 ms back to back, 0.6 ms after 5 ms asleep; the bare
+    read 0.18 ms, 0.7 ms after 10 ms, 1.0 ms after 100 ms), and a lightly loaded server's
+    transfer always comes after such a gap, so only the second compares like with like."""
+    nbytes = pd["transfer_bytes_mean"]
+    pd["idle_gap_s"] = min(MAX_IDLE_S, pd["wall_s"] / max(1, cfg.requests))
+    for suffix, bare in (("", bare_read_s(nbytes)),
+                         ("_idle", bare_read_s(nbytes, IDLE_REPS, pd["idle_gap_s"]))):
+        pd[f"bare_read{suffix}_s"] = bare
+        pd[f"transfer_over_bare{suffix}"] = pd["transfer_s_mean"] / bare
+        pd[f"pull_over_bare{suffix}"] = pd["pull_s_mean"] / bare
+        pd[f"transfer_p50_over_bare{suffix}"] = pd["transfer_s_p50"] / bare
+        pd[f"pull_p50_over_bare{suffix}"] = pd["pull_s_p50"] / bare
+
+
 def format_table(res: dict) -> str:
     cfg, pd, mono = res["config"], res["pd"], res["both"]
     lines = [f"{cfg['requests']} requests, {cfg['clients']} concurrent, prompts "
@@ -315,18 +336,28 @@ def format_table(res: dict) -> str:
                      f"{r['tokens_per_s']:.1f} | {r['wall_s']:.2f} | {r['peak_rss_mib']:.0f} |")
     lines.append(f"P/D / both: TTFT p50 {pd['ttft_p50_s'] / mono['ttft_p50_s']:.2f}x, "
                  f"throughput {pd['tokens_per_s'] / mono['tokens_per_s']:.2f}x")
+    idle = "bare_read_idle_s" in pd
+
+    def ratios(stage: str) -> str:
+        hot = f"{pd[f'{stage}_over_bare']:.1f}, median {pd[f'{stage}_p50_over_bare']:.1f}"
+        if not idle:
+            return f"ratio to bare {hot}"
+        return (f"ratio to bare after the same idle {pd[f'{stage}_over_bare_idle']:.1f}, "
+                f"median {pd[f'{stage}_p50_over_bare_idle']:.1f}; to bare back to back {hot}")
     lines.append(f"one bare NIXL read + notification of the mean request's "
                  f"{pd['transfer_bytes_mean'] / 2**20:.3f} MiB: {pd['bare_read_s'] * 1e3:.3f} ms "
-                 f"(recomputed: {pd['recomputed']})")
+                 f"back to back" + (f", {pd['bare_read_idle_s'] * 1e3:.3f} ms each after "
+                                   f"{pd['idle_gap_s'] * 1e3:.0f} ms idle (the run's mean gap "
+                                   f"between requests)" if idle else "")
+                 + f" (recomputed: {pd['recomputed']})")
     lines.append(f"transfer stage, end to end (decode server: request received -> state in "
-                 f"place): mean {pd['transfer_s_mean'] * 1e3:.2f} ms, ratio to bare "
-                 f"{pd['transfer_over_bare']:.1f}; median {pd['transfer_s_p50'] * 1e3:.2f} ms, "
-                 f"ratio {pd['transfer_p50_over_bare']:.1f}; of the mean, waiting (engine "
-                 f"loop, transfer thread) {pd['transfer_queued_s_mean'] * 1e3:.2f} ms")
+                 f"place): mean {pd['transfer_s_mean'] * 1e3:.2f} ms, median "
+                 f"{pd['transfer_s_p50'] * 1e3:.2f} ms; {ratios('transfer')}; of the mean, "
+                 f"waiting (engine loop, transfer thread) "
+                 f"{pd['transfer_queued_s_mean'] * 1e3:.2f} ms")
     lines.append(f"decode ranks' own pull (slowest rank: plan, metadata, reads, ReadDone): "
-                 f"mean {pd['pull_s_mean'] * 1e3:.2f} ms, ratio to bare "
-                 f"{pd['pull_over_bare']:.1f}; median {pd['pull_s_p50'] * 1e3:.2f} ms, ratio "
-                 f"{pd['pull_p50_over_bare']:.1f}")
+                 f"mean {pd['pull_s_mean'] * 1e3:.2f} ms, median {pd['pull_s_p50'] * 1e3:.2f} "
+                 f"ms; {ratios('pull')}")
     parts = pd.get("pull_parts_s_mean") or {}
     if any(parts.values()):
         lines.append("of the pull mean, ms: " + ", ".join(

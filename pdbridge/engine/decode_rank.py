@@ -2,8 +2,10 @@
 
 It plans its own reads of a request against the prefill layout (pure planner, each request
 planned once: plan_cache.py), fetches the metadata of exactly the prefill ranks its plan reads
-from (once per engine), pulls, restores, and notifies every prefill rank it read from. The node
-asks it over its rank channel (rank_channel.py), not through the TP group. In push mode it
+from (once per engine), pulls, restores, and notifies every prefill rank it read from (after
+its reply to the node went out: the ReadDone frees prefill blocks, and nothing on the decode
+side waits for it). The node asks it over its rank channel (rank_channel.py), not through the
+TP group. In push mode it
 progresses its passive NIXL side and waits for the writers' PushDone (pd_push.PushInbox).
 Its channel server, lease keeper and poller thread close in close().
 """
@@ -39,7 +41,9 @@ class DecodeRank(RankBase):
         self.plans = PlanCache()
         self.inbox = PushInbox(self.rank, self.layout, self._layout, self.caches.region_buffers)
         self.leases = LeaseKeeper(self.engine_id, self.rank, self.key)
-        self.channel = RankChannelServer(f"{self.engine_id}-{self.rank}", self._serve)
+        self._read_done: list[tuple[str, list[int], bytes]] = []    # (engine, ranks, msg)
+        self.channel = RankChannelServer(f"{self.engine_id}-{self.rank}", self._serve,
+                                         after_reply=self._send_read_done)
         if call.transfer_mode == "push":    # writes land here: progress the passive side
             self._start_poller(self._keep_push_done)
 
@@ -89,7 +93,7 @@ class DecodeRank(RankBase):
             pending = self._begin(one, post=False)
             if isinstance(pending, PullResult):
                 results[i] = pending
-            elif pending.error is not None or _uses_scratch(pending.plan):
+            elif pending.error is not None or pending.plan.uses_decode_scratch():
                 results[i] = self._end(self._post(pending))     # failed, or alone
             else:
                 in_flight.append((i, self._post(pending)))
@@ -171,9 +175,7 @@ class DecodeRank(RankBase):
             result = PullResult(self.rank, False, f"{type(e).__name__}: {e}",
                                 plan.strategy.value if plan is not None else "",
                                 plan.source_ranks() if plan is not None else [])
-        t4 = time.perf_counter()
         self._notify_sources(call, result)
-        phases.notify_s = time.perf_counter() - t4
         result.phases = phases
         result.seconds = time.perf_counter() - pending.t0
         return result
@@ -187,14 +189,21 @@ class DecodeRank(RankBase):
 
     def _notify_sources(self, call: Pull, result: PullResult) -> None:
         """Tell every prefill rank read from that this rank is done with the request, after
-        ALL its reads ended, so a prefill engine never frees blocks another read still uses."""
+        ALL its reads ended, so a prefill engine never frees blocks another read still uses.
+        Queued: _send_read_done sends them once the reply to the node went out."""
         msg = encode(ReadDone(call.request_id, self.engine_id, self.rank, result.ok, result.detail))
-        for r in result.sources:
-            try:
-                with self._agent_lock:
-                    self.transport.notify(peer_name(call.prefill_engine_id, r), msg)
-            except Exception:
-                pass        # the prefill rank is gone; its lease expiry frees the blocks
+        self._read_done.append((call.prefill_engine_id, list(result.sources), msg))
+
+    def _send_read_done(self) -> None:
+        """The queued ReadDones (on the channel's thread, after its reply; and at close)."""
+        queued, self._read_done = self._read_done, []
+        for engine_id, ranks, msg in queued:
+            for r in ranks:
+                try:
+                    with self._agent_lock:
+                        self.transport.notify(peer_name(engine_id, r), msg)
+                except Exception:
+                    pass    # the prefill rank is gone; its lease expiry frees the blocks
 
     # ---- push mode (pd_push.py) ----------------------------------------------------------
 
@@ -211,6 +220,7 @@ class DecodeRank(RankBase):
 
     def close(self) -> None:
         self.channel.close()        # no request runs after this
+        self._send_read_done()      # what a reply that failed to go out left queued
         self.leases.close()
         super().close()
 
@@ -229,23 +239,16 @@ class _Pending:
     error: Exception | None = None
 
 
-def _uses_scratch(plan: TransferPlan) -> bool:
-    """The plan lands bytes in (or restores from) this rank's scratch."""
-    return bool(plan.staging_nbytes) or bool(len(plan.decode_restore)) or \
-        bool((plan.dst_region == SCRATCH).any())
-
-
 def _needs_prepare(plan: TransferPlan, bases: dict[int, dict[int, int]], decode_rank: int) -> bool:
     """The plan reads a prefill rank's scratch that no prefill rank has prepared for it."""
-    ranks = np.unique(plan.src_rank[plan.src_region == SCRATCH]).tolist()
-    return any(decode_rank not in bases.get(r, {}) for r in ranks)
+    return any(decode_rank not in bases.get(r, {}) for r in plan.scratch_sources())
 
 
 def _with_scratch_bases(plan: TransferPlan, bases: dict[int, dict[int, int]]) -> TransferPlan:
     """Reads from a prefill rank's scratch, moved to where that rank put this rank's bytes."""
-    from_scratch = plan.src_region == SCRATCH
-    if not from_scratch.any():
+    if not plan.scratch_sources():
         return plan
+    from_scratch = plan.src_region == SCRATCH
     offsets = plan.src_offset.copy()
     for r in np.unique(plan.src_rank[from_scratch]).tolist():
         try:

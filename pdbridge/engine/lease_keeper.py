@@ -3,7 +3,9 @@
 A pull that could outlive its lease must renew it (DESIGN.md section 5, step 3). One thread,
 started once with the rank and stopped in close(), renews every pull that has run for
 `renew_every_s` since it started or last renewed (a LeaseRenew to each source rank's metadata
-server); pulls shorter than that (nearly all) cost two dictionary updates, not a thread.
+server); pulls shorter than that (nearly all) cost two dictionary updates, not a thread, and
+do not wake the thread either unless they are due before it next wakes (a wake-up costs the
+pull a GIL hand-over on its critical path; issue 10).
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ class LeaseKeeper:
         self._reading: dict[str, _Reading] = {}
         self._cond = threading.Condition()
         self._stop = False
+        self._wakes_at = float("inf")      # when the thread's current wait ends
         self.sent = 0
         self._thread = threading.Thread(target=self._loop, daemon=True,
                                         name=f"pd-lease-{engine_id}-{rank}")
@@ -42,10 +45,12 @@ class LeaseKeeper:
         if every_s <= 0:
             return
         with self._cond:
+            due = self._clock() + every_s
             self._reading[request_id] = _Reading(LeaseRenew(request_id, self._engine_id,
                                                             self._rank), list(endpoints),
-                                                 every_s, self._clock() + every_s)
-            self._cond.notify()
+                                                 every_s, due)
+            if due < self._wakes_at:
+                self._cond.notify()
 
     def stop(self, request_id: str) -> None:
         with self._cond:
@@ -59,7 +64,9 @@ class LeaseKeeper:
                 due = [r for r in self._reading.values() if r.due <= self._clock()]
                 if not due:
                     nxt = min((r.due for r in self._reading.values()), default=None)
+                    self._wakes_at = float("inf") if nxt is None else nxt
                     self._cond.wait(None if nxt is None else max(0.0, nxt - self._clock()))
+                    self._wakes_at = -float("inf")      # awake: it looks at every pull
                     continue
                 for r in due:
                     r.due = self._clock() + r.every_s

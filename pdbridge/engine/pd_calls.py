@@ -171,7 +171,7 @@ class PullPhases(msgspec.Struct):
     peers_s: float = 0.0                    # directory: metadata of the source ranks
     read_s: float = 0.0                     # NIXL reads posted, waited, local restore
     verify_s: float = 0.0                   # checksums
-    notify_s: float = 0.0                   # ReadDone to every source rank
+    notify_s: float = 0.0                   # 0: ReadDone goes out after the reply
     plan_cached: bool = False
 
 

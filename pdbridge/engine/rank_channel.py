@@ -3,19 +3,25 @@
 Worker calls (Engine.call) move every rank in lockstep through the TP group's control
 collectives: four gloo collectives a call (~1.4 ms at TP=2 measured here), and only between
 model steps. A pull needs neither: each rank plans and reads for itself. So each DecodeRank
-serves RankRequests (pd_calls: ChooseStrategy, Pull) on a socket of its own, from a thread of
-its own, and the node sends one request to every rank and collects one reply from each.
+serves RankRequests (pd_calls: ChooseStrategy, Pull, PullBatch) on a socket of its own, from a
+thread of its own, and the node sends one request to every rank and collects one reply from
+each.
 
-Wire: ZeroMQ over `ipc://` in a directory only this user can enter (mkdtemp, mode 0700): no
-TCP listener, and the file system, not a key, decides who may connect. Frames: [seq, body],
-body one msgpack RankRequest (tagged) or its reply; the seq matches a reply to its request, so
-a reply that arrives after its request timed out is dropped.
+Wire: a Unix stream socket in a directory only this user can enter (mkdtemp, mode 0700): no
+TCP listener, and the file system, not a key, decides who may connect. A frame is a header
+(seq, body length) then the body, one msgpack RankRequest (tagged) or its reply; the seq
+matches a reply to its request, so a reply that arrives after its request timed out is
+dropped. Plain sockets, not ZeroMQ (issue 10): a ZeroMQ message passes through an I/O thread
+on each side, and a round trip after a few ms idle cost 250 us here against 57 us for a Unix
+socket (the waits of idle cores waking; /work figures in the issue note).
 """
 from __future__ import annotations
 
 import logging
 import os
+import selectors
 import shutil
+import socket
 import struct
 import tempfile
 import threading
@@ -23,67 +29,138 @@ import time
 from typing import Callable, Union
 
 import msgspec
-import zmq
-
-from pdbridge.transport.handshake import serve_until
 
 from .pd_calls import ChooseStrategy, Pull, PullBatch, RankRequest
 
 log = logging.getLogger(__name__)
-POLL_MS = 50                # the node's wait: how often it checks the ranks are alive
+POLL_MS = 50                # the node's wait: how often it checks the ranks are alive;
+                            # the server's: how often it looks at its stop flag
+SCHEME = "unix://"
+_HEADER = struct.Struct("<QQ")          # seq, body nbytes
+MAX_FRAME_NBYTES = 1 << 30              # a header claiming more is not ours: drop the line
 _requests = msgspec.msgpack.Decoder(Union[ChooseStrategy, Pull, PullBatch])
 
 
-class RankChannelServer:
-    """One decode rank's end: answers each RankRequest with `handle(request)` on its thread."""
+class ChannelClosed(ConnectionError):
+    """The other end closed the connection (or sent what is not a frame)."""
 
-    def __init__(self, name: str, handle: Callable[[RankRequest], msgspec.Struct]):
-        self._handle = handle
+
+def send_frame(sock: socket.socket, seq: int, body: bytes) -> None:
+    sock.sendall(_HEADER.pack(seq, len(body)) + body)
+
+
+def recv_frame(sock: socket.socket) -> tuple[int, bytes]:
+    """One whole frame (blocking until all of it is here); ChannelClosed at EOF."""
+    seq, nbytes = _HEADER.unpack(_recv_exact(sock, _HEADER.size))
+    if nbytes > MAX_FRAME_NBYTES:
+        raise ChannelClosed(f"frame of {nbytes} bytes (at most {MAX_FRAME_NBYTES})")
+    return seq, _recv_exact(sock, nbytes)
+
+
+def _recv_exact(sock: socket.socket, nbytes: int) -> bytes:
+    buf = bytearray(nbytes)
+    view, got = memoryview(buf), 0
+    while got < nbytes:
+        k = sock.recv_into(view[got:], nbytes - got)
+        if k == 0:
+            raise ChannelClosed("the other end closed the channel")
+        got += k
+    return bytes(buf)
+
+
+def endpoint_path(endpoint: str) -> str:
+    if not endpoint.startswith(SCHEME):
+        raise ValueError(f"rank channel endpoint={endpoint!r}; allowed: {SCHEME}<path>")
+    return endpoint[len(SCHEME):]
+
+
+class RankChannelServer:
+    """One decode rank's end: answers each RankRequest with `handle(request)` on its thread,
+    which owns the listening socket and every connection, and closes them when it stops.
+    `after_reply()`, if given, runs on that thread after each reply went out: work the node
+    need not wait for (a decode rank's ReadDone notifications)."""
+
+    def __init__(self, name: str, handle: Callable[[RankRequest], msgspec.Struct],
+                 after_reply: Callable[[], None] | None = None):
+        self._handle, self._after_reply = handle, after_reply
         self._dir = tempfile.mkdtemp(prefix="pdbridge-rank-")
-        self.endpoint = f"ipc://{self._dir}/channel"
-        self._ctx = zmq.Context()
-        self._sock = self._ctx.socket(zmq.ROUTER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.bind(self.endpoint)
+        self.endpoint = f"{SCHEME}{self._dir}/channel"
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(endpoint_path(self.endpoint))
+        self._listener.listen(4)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"rank-channel-{name}",
                                         daemon=True)
         self._thread.start()
 
     def _loop(self) -> None:
-        serve_until(self._sock, self._stop, self._serve_one)
-
-    def _serve_one(self) -> None:
-        frames = self._sock.recv_multipart()
-        if len(frames) != 3:
-            return                          # not ours: nothing to answer
-        ident, seq, body = frames
+        sel = selectors.DefaultSelector()
+        sel.register(self._listener, selectors.EVENT_READ)
         try:
-            reply = self._handle(_requests.decode(body))
+            while not self._stop.is_set():
+                for key, _ in sel.select(POLL_MS / 1000):
+                    if key.fileobj is self._listener:
+                        conn, _ = self._listener.accept()
+                        sel.register(conn, selectors.EVENT_READ)
+                    elif not self._serve_one(key.fileobj):
+                        sel.unregister(key.fileobj)
+                        key.fileobj.close()
+        finally:
+            for key in list(sel.get_map().values()):
+                key.fileobj.close()
+            sel.close()
+
+    def _serve_one(self, conn: socket.socket) -> bool:
+        """Answer one frame; False when the connection is over (closed, or not ours)."""
+        try:
+            seq, body = recv_frame(conn)
+        except (ChannelClosed, OSError):
+            return False
+        try:
+            request = _requests.decode(body)
+        except msgspec.DecodeError:
+            log.warning("rank channel: dropped a frame that is no RankRequest")
+            return True                     # nothing to answer; the node's wait times out
+        try:
+            reply = self._handle(request)
         except Exception:                   # a handler reports its failures; this is a bug
             log.exception("rank channel: handler failed")
-            return                          # the node's wait times out and says so
-        self._sock.send_multipart([ident, seq, msgspec.msgpack.encode(reply)])
+            return True                     # the node's wait times out and says so
+        try:
+            send_frame(conn, seq, msgspec.msgpack.encode(reply))
+        except OSError:
+            return False                    # the node is gone
+        finally:
+            if self._after_reply is not None:
+                try:
+                    self._after_reply()
+                except Exception:
+                    log.exception("rank channel: after_reply failed")
+        return True
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join(5.0)
-        if not self._thread.is_alive():
-            self._ctx.term()
         shutil.rmtree(self._dir, ignore_errors=True)
 
 
 class RankChannel:
-    """The node's end: one DEALER socket per decode rank."""
+    """The node's end: one connection per decode rank, used by one thread at a time."""
 
     def __init__(self, endpoints: list[str]):
-        self._ctx = zmq.Context()
-        self._socks = []
-        for endpoint in endpoints:
-            sock = self._ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(endpoint)
-            self._socks.append(sock)
+        self._socks: list[socket.socket] = []
+        try:
+            for endpoint in endpoints:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self._socks.append(sock)
+                sock.connect(endpoint_path(endpoint))
+        except BaseException:
+            self.close()
+            raise
+        self._sel = selectors.DefaultSelector()
+        for rank, sock in enumerate(self._socks):
+            self._sel.register(sock, selectors.EVENT_READ, rank)
+        self._lost: set[int] = set()        # ranks whose connection closed
         self._seq = 0
 
     def call_all(self, request: RankRequest, reply_type: type, timeout_s: float,
@@ -93,36 +170,49 @@ class RankChannel:
         that answered within timeout_s. `check_alive` runs between polls (it raises if a
         rank's process died)."""
         self._seq += 1
-        seq = struct.pack("<Q", self._seq)
         body = msgspec.msgpack.encode(request)
-        socks = self._socks if ranks is None else [self._socks[r] for r in ranks]
-        for sock in socks:
-            sock.send_multipart([seq, body])
-        poller = zmq.Poller()
-        for sock in socks:
-            poller.register(sock, zmq.POLLIN)
-        index = {sock: rank for rank, sock in enumerate(self._socks)}
+        asked = set(range(len(self._socks)) if ranks is None else ranks)
+        for rank in sorted(asked - self._lost):
+            try:
+                send_frame(self._socks[rank], self._seq, body)
+            except OSError:
+                self._lose(rank)
         replies: dict[int, msgspec.Struct] = {}
         deadline = time.monotonic() + timeout_s
-        while len(replies) < len(socks):
+        while asked - replies.keys() - self._lost:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            for sock, _ in poller.poll(min(POLL_MS, max(1, int(left * 1000)))):
-                got_seq, data = sock.recv_multipart()
-                if got_seq == seq:          # else: the reply of an earlier, timed-out request
-                    replies[index[sock]] = msgspec.msgpack.decode(data, type=reply_type)
-            if len(replies) < len(socks):
+            for key, _ in self._sel.select(min(POLL_MS / 1000, left)):
+                rank = key.data
+                try:
+                    seq, data = recv_frame(key.fileobj)
+                except (ChannelClosed, OSError):
+                    self._lose(rank)
+                    continue
+                if seq == self._seq and rank in asked:  # else: an earlier, timed-out reply
+                    replies[rank] = msgspec.msgpack.decode(data, type=reply_type)
+            if asked - replies.keys():
                 check_alive()
+        if asked & self._lost:
+            check_alive()                   # a closed connection: did the process die?
         return replies
 
+    def _lose(self, rank: int) -> None:
+        """A rank's connection closed: it answers nothing more (check_alive says why)."""
+        if rank not in self._lost:
+            self._lost.add(rank)
+            self._sel.unregister(self._socks[rank])
+
     def close(self) -> None:
+        sel = getattr(self, "_sel", None)
+        if sel is not None:
+            sel.close()
         for sock in self._socks:
-            sock.close(linger=0)
-        self._ctx.term()
+            sock.close()
 
 
 def private_dir_ok(endpoint: str) -> bool:
     """Whether an ipc endpoint's directory is this user's alone (tests)."""
-    st = os.stat(os.path.dirname(endpoint[len("ipc://"):]))
+    st = os.stat(os.path.dirname(endpoint_path(endpoint)))
     return st.st_uid == os.getuid() and st.st_mode & 0o077 == 0

@@ -7,6 +7,7 @@ planned once as a template and repeated over their layers with numpy.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -19,9 +20,9 @@ from .transfer_plan import RequestBlocks
 from .validation import used_attn_blocks
 
 
-@dataclass(frozen=True)
-class GroupInfo:
-    """One (layer, tensor, segment, source, unit range) slice of the decode shard."""
+class GroupInfo(NamedTuple):
+    """One (layer, tensor, segment, source, unit range) slice of the decode shard (a
+    NamedTuple: cheap to make, see ReadGroup)."""
     layer: int
     tensor: str
     segment: str

@@ -85,5 +85,4 @@ def _groups(direct: DirectReads, reads: RunList) -> tuple[ReadGroup, ...]:
     several groups), so the groups' descriptors sum to the plan's."""
     counts = np.bincount(reads.group, minlength=len(direct.groups)) if len(reads) else \
         np.zeros(len(direct.groups), np.int64)
-    return tuple(ReadGroup(g.layer, g.tensor, g.segment, g.prefill_rank, g.global_range,
-                           g.nbytes, int(c)) for g, c in zip(direct.groups, counts.tolist()))
+    return tuple(ReadGroup(*g, c) for g, c in zip(direct.groups, counts.tolist()))

@@ -31,18 +31,24 @@ class RunList:
 
     @staticmethod
     def concat(parts: list["RunList"]) -> "RunList":
-        parts = [p for p in parts if len(p)]
+        parts = [p for p in parts if len(p.nbytes)]
         if not parts:
             return RunList.empty()
         if len(parts) == 1:
             return parts[0]
-        return RunList(*(np.concatenate([getattr(p, f) for p in parts]) for f in _FIELDS))
+        cat = np.concatenate
+        return RunList(cat([p.src_rank for p in parts]), cat([p.src_region for p in parts]),
+                       cat([p.src_offset for p in parts]), cat([p.dst_region for p in parts]),
+                       cat([p.dst_offset for p in parts]), cat([p.nbytes for p in parts]),
+                       cat([p.group for p in parts]))
 
     def __len__(self) -> int:
         return len(self.nbytes)
 
     def take(self, idx: np.ndarray) -> "RunList":
-        return RunList(*(getattr(self, f)[idx] for f in _FIELDS))
+        return RunList(self.src_rank[idx], self.src_region[idx], self.src_offset[idx],
+                       self.dst_region[idx], self.dst_offset[idx], self.nbytes[idx],
+                       self.group[idx])
 
     def coalesced(self) -> "RunList":
         """Sorted by (src_rank, src_region, src_offset); runs adjacent on BOTH sides merged.
@@ -71,9 +77,6 @@ class RunList:
         return CopyList(self.src_region.astype(_I32), self.src_offset.astype(_I64),
                         self.dst_region.astype(_I32), self.dst_offset.astype(_I64),
                         self.nbytes.astype(_I64))
-
-
-_FIELDS = ("src_rank", "src_region", "src_offset", "dst_region", "dst_offset", "nbytes", "group")
 
 
 def _empty() -> RunList:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -33,16 +34,26 @@ class CopyList:
 
     @staticmethod
     def empty() -> "CopyList":
-        i32, i64 = np.zeros(0, np.int32), np.zeros(0, np.int64)
-        return CopyList(i32, i64, i32.copy(), i64.copy(), i64.copy())
+        return _NO_COPIES
 
     def __len__(self) -> int:
         return len(self.nbytes)
 
 
-@dataclass(frozen=True)
-class ReadGroup:
-    """What one slice of the plan reads, for reports: one (layer, tensor, segment, source)."""
+def _no_copies() -> CopyList:
+    arrays = [np.zeros(0, d) for d in (np.int32, np.int64, np.int32, np.int64, np.int64)]
+    for a in arrays:
+        a.flags.writeable = False       # one shared empty list
+    return CopyList(*arrays)
+
+
+_NO_COPIES = _no_copies()
+
+
+class ReadGroup(NamedTuple):
+    """What one slice of the plan reads, for reports: one (layer, tensor, segment, source).
+    A NamedTuple, not a frozen dataclass: every plan makes one per group (issue 10: 15 frozen
+    dataclasses were 15% of a warm plan)."""
     layer: int
     tensor: str
     segment: str
@@ -70,16 +81,36 @@ class TransferPlan:
     groups: tuple[ReadGroup, ...] = ()
     minimal_nbytes: int = 0     # bytes of the decode shard itself (what a perfect plan moves)
 
+    # Derived facts a pull asks for several times are computed once per plan and kept in
+    # the instance's __dict__ (the fields are frozen; a plan's arrays are never written).
+
     @property
     def num_descriptors(self) -> int:
         return len(self.nbytes)
 
     @property
     def total_nbytes(self) -> int:
-        return int(self.nbytes.sum())
+        return self._derived("total_nbytes", lambda: int(self.nbytes.sum()))
 
     def source_ranks(self) -> list[int]:
-        return sorted(set(int(r) for r in np.unique(self.src_rank)))
+        return list(self._derived("source_ranks", lambda: np.unique(self.src_rank).tolist()))
+
+    def scratch_sources(self) -> list[int]:
+        """The prefill ranks whose scratch (permute) this plan reads."""
+        return list(self._derived("scratch_sources", lambda: np.unique(
+            self.src_rank[self.src_region == SCRATCH]).tolist()))
+
+    def uses_decode_scratch(self) -> bool:
+        """The plan lands bytes in (or restores from) this decode rank's scratch."""
+        return self._derived("uses_decode_scratch", lambda: bool(self.staging_nbytes) or bool(
+            len(self.decode_restore)) or bool((self.dst_region == SCRATCH).any()))
+
+    def _derived(self, name: str, make):
+        key = "_derived_" + name        # not the method's own name, which it would shadow
+        d = self.__dict__
+        if key not in d:
+            d[key] = make()
+        return d[key]
 
     def reads_from(self, prefill_rank: int) -> np.ndarray:
         """Indices of the reads served by one prefill rank."""

@@ -53,20 +53,19 @@ def used_attn_blocks(layout: EngineLayout, blocks: RequestBlocks) -> tuple[int, 
 
 
 def _check_blocks(side: str, layout: EngineLayout, blocks: RequestBlocks) -> None:
-    tensors = layout.tensors
-    if any(t.paged for t in tensors):
+    num_blocks = layout.num_blocks
+    if layout.has_paged:
         used = used_attn_blocks(layout, blocks)
         need = -(-blocks.num_tokens // layout.block_tokens)
         if len(used) < need:
             raise ValueError(f"{side} attn_blocks: {len(blocks.attn_blocks)} blocks of "
                              f"{layout.block_tokens} tokens cannot hold num_tokens="
                              f"{blocks.num_tokens} (need {need})")
-        bad = [b for b in used if b >= layout.num_blocks]
-        if bad:
-            raise ValueError(f"{side} attn_blocks: block id {bad[0]} >= num_blocks "
-                             f"{layout.num_blocks}")
+        if used and max(used) >= num_blocks:
+            bad = next(b for b in used if b >= num_blocks)
+            raise ValueError(f"{side} attn_blocks: block id {bad} >= num_blocks {num_blocks}")
         if len(set(used)) != len(used):
             raise ValueError(f"{side} attn_blocks: a block id appears twice in {used}")
-    if any(not t.paged for t in tensors) and blocks.state_block >= layout.num_blocks:
+    if layout.has_state and blocks.state_block >= num_blocks:
         raise ValueError(f"{side} state_block={blocks.state_block} >= num_blocks "
                          f"{layout.num_blocks}")

@@ -123,7 +123,7 @@ class PullParts(_Wire):
     peers_s: float = 0.0        # metadata of the prefill ranks read from
     read_s: float = 0.0         # NIXL reads posted and waited, local restore
     verify_s: float = 0.0       # checksums
-    notify_s: float = 0.0       # ReadDone to the prefill ranks
+    notify_s: float = 0.0       # ReadDone to the prefill ranks (sent after the reply: 0)
     other_s: float = 0.0        # the rest: the layout lookup, a cached plan, the answer
 
 

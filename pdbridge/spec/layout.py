@@ -289,6 +289,16 @@ class EngineLayout:
         return [t for g in self.tensor_groups for t in g]
 
     @cached_property
+    def has_paged(self) -> bool:
+        """Some tensor is paged by token (attention KV)."""
+        return any(t.paged for t in self.tensors)
+
+    @cached_property
+    def has_state(self) -> bool:
+        """Some tensor is one state page per request (conv, SSM, recurrent state)."""
+        return any(not t.paged for t in self.tensors)
+
+    @cached_property
     def block_tokens(self) -> int:
         c = self.cache
         kbt = c.kernel_block_tokens or 16

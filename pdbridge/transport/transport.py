@@ -114,10 +114,11 @@ class ReadList:
     @staticmethod
     def from_plan(plan: TransferPlan, prefill_rank: int) -> "ReadList":
         """The reads of `plan` served by one prefill rank."""
-        i = plan.reads_from(prefill_rank)
-        whole = len(i) == len(plan.nbytes)          # one source rank: the plan's own arrays
-        pick = (lambda a, dt: a.astype(dt, copy=False)) if whole else \
-            (lambda a, dt: a[i].astype(dt, copy=False))
+        if plan.source_ranks() == [prefill_rank]:   # one source rank: the plan's own arrays
+            pick = lambda a, dt: a.astype(dt, copy=False)      # noqa: E731
+        else:
+            i = plan.reads_from(prefill_rank)
+            pick = lambda a, dt: a[i].astype(dt, copy=False)   # noqa: E731
         return ReadList(pick(plan.src_region, np.int32), pick(plan.src_offset, np.int64),
                         pick(plan.dst_region, np.int32), pick(plan.dst_offset, np.int64),
                         pick(plan.nbytes, np.int64))
@@ -162,11 +163,10 @@ def check_ranges(reads: ReadList, src_sizes: Sequence[int], src_scratch: int,
             i = int(np.argmax((region < SCRATCH) | (region >= len(sizes))))
             raise TransferError(f"read {i} from {peer}: {side} region {int(region[i])} does not "
                                 f"exist ({len(sizes)} regions, SCRATCH={SCRATCH})")
-        lengths = np.append(np.asarray(sizes, np.int64), scratch)   # SCRATCH (-1) -> last
+        lengths = np.array([*sizes, scratch], np.int64)     # SCRATCH (-1) -> the last entry
         end = offset + reads.nbytes
-        bad = (offset < 0) | (end > lengths[region])
-        if bad.any():
-            i = int(np.argmax(bad))
+        if offset.min() < 0 or (end > lengths[region]).any():
+            i = int(np.argmax((offset < 0) | (end > lengths[region])))
             raise TransferError(f"read {i} from {peer}: {side} region {int(region[i])} bytes "
                                 f"[{int(offset[i])}, {int(end[i])}) outside its "
                                 f"{int(lengths[region[i]])} bytes")

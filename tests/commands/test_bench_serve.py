@@ -50,6 +50,25 @@ def test_peak_memory_counts_the_process_tree():
 
 def test_bare_read_moves_the_bytes_and_takes_time():
     assert bare_read_s(1 << 16, reps=5) > 0
+    assert bare_read_s(1 << 16, reps=3, idle_s=0.01) > 0
+
+
+def test_the_idle_gap_is_the_runs_mean_gap_and_both_ratios_are_printed():
+    from pdbridge.commands.bench_serve import format_table, measure_bare
+    cfg = ServeBenchConfig(requests=10, clients=1)
+    pd = {"transfer_bytes_mean": 4096.0, "wall_s": 0.2, "transfer_s_mean": 0.003,
+          "transfer_s_p50": 0.002, "pull_s_mean": 0.002, "pull_s_p50": 0.001}
+    measure_bare(pd, cfg)
+    assert pd["idle_gap_s"] == pytest.approx(0.02)
+    assert pd["transfer_over_bare_idle"] == pytest.approx(0.003 / pd["bare_read_idle_s"])
+    assert pd["pull_p50_over_bare"] == pytest.approx(0.001 / pd["bare_read_s"])
+    mono = {"ttft_p50_s": 0.01, "ttft_p99_s": 0.02, "tokens_per_s": 1.0, "wall_s": 1.0,
+            "peak_rss_mib": 1.0}
+    pd.update(mono, recomputed=0, transfer_queued_s_mean=0.0)
+    text = format_table({"config": cfg.__dict__, "pd": pd, "both": mono,
+                         "prompt_tokens": [8, 9]})
+    assert "after the same idle" in text and "back to back" in text
+    assert f"{pd['transfer_over_bare_idle']:.1f}" in text
 
 
 @pytest.mark.slow

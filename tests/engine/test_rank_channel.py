@@ -2,13 +2,15 @@
 comes back to the request that asked; a late reply is never taken for a later request's; a
 silent rank is missing from the answer; a dead rank (check_alive) ends the wait at once."""
 import os
+import socket
 import threading
 import time
 
 import pytest
 
 from pdbridge.engine.pd_calls import ChooseStrategy, PullResult, StrategyChoice
-from pdbridge.engine.rank_channel import RankChannel, RankChannelServer, private_dir_ok
+from pdbridge.engine.rank_channel import (RankChannel, RankChannelServer, endpoint_path,
+                                         private_dir_ok, send_frame)
 from pdbridge.plan import Strategy
 
 
@@ -40,7 +42,7 @@ def test_each_rank_answers_its_own_request():
         channel.close()
         for r in ranks:
             r.server.close()
-    assert not any(os.path.exists(r.server.endpoint[len("ipc://"):]) for r in ranks)
+    assert not any(os.path.exists(endpoint_path(r.server.endpoint)) for r in ranks)
 
 
 def test_a_late_reply_is_not_taken_for_the_next_request():
@@ -72,3 +74,62 @@ def test_a_dead_rank_ends_the_wait():
     finally:
         channel.close()
         silent.server.close()
+
+
+def test_a_closed_rank_is_missing_at_once():
+    """A rank whose end closed answers nothing: the wait does not sit out its timeout, and
+    check_alive is asked (a dead process raises there)."""
+    ranks = [_Rank(0), _Rank(1)]
+    channel = RankChannel([r.server.endpoint for r in ranks])
+    asked = []
+    try:
+        ranks[1].server.close()
+        t0 = time.monotonic()
+        got = channel.call_all(_choose(), StrategyChoice, 30.0, lambda: asked.append(1))
+        assert set(got) == {0} and asked
+        assert time.monotonic() - t0 < 10.0         # not the 30 s timeout
+        assert set(channel.call_all(_choose(), StrategyChoice, 5.0)) == {0}
+    finally:
+        channel.close()
+        ranks[0].server.close()
+
+
+def test_a_frame_that_is_no_request_leaves_the_server_serving():
+    rank = _Rank(0)
+    channel = RankChannel([rank.server.endpoint])
+    intruder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        intruder.connect(endpoint_path(rank.server.endpoint))
+        send_frame(intruder, 1, b"not msgpack of a request")
+        intruder.sendall(b"\xff" * 16)       # a header claiming an absurd length
+        got = channel.call_all(_choose(Strategy.STAGING), StrategyChoice, 5.0)
+        assert got[0].strategy is Strategy.STAGING and len(rank.seen) == 1
+    finally:
+        intruder.close()
+        channel.close()
+        rank.server.close()
+
+
+def test_after_reply_runs_once_per_reply_and_cannot_stop_the_server():
+    """A decode rank's ReadDones go out in after_reply, once its reply is on the wire."""
+    calls = []
+
+    def after():
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            raise RuntimeError("the first one fails")
+
+    server = RankChannelServer("test-after", lambda req: StrategyChoice(0, req.strategy),
+                               after_reply=after)
+    channel = RankChannel([server.endpoint])
+    try:
+        for s in (Strategy.DIRECT, Strategy.STAGING):
+            got = channel.call_all(_choose(s), StrategyChoice, 5.0)
+            assert got[0].strategy is s
+        deadline = time.monotonic() + 5.0
+        while len(calls) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(calls) == 2
+    finally:
+        channel.close()
+        server.close()

@@ -1,0 +1,44 @@
+"""LeaseKeeper: a pull is renewed when it is due, whatever the thread was waiting for when
+the pull started (it is woken only for pulls due before its current wait ends)."""
+import time
+
+from pdbridge.engine.lease_keeper import LeaseKeeper
+
+
+def _wait_for(cond, timeout_s=10.0):
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, "no renewal in time"
+        time.sleep(0.01)
+
+
+def test_a_pull_due_sooner_than_the_current_wait_is_renewed():
+    keeper = LeaseKeeper("decode-x", 0)
+    renewed = []
+    keeper._renew = lambda r: renewed.append(r.msg.request_id)
+    try:
+        keeper.start("long", ["unused"], 3600.0)        # the thread now waits an hour
+        time.sleep(0.05)
+        keeper.start("short", ["unused"], 0.05)         # due long before that: wakes it
+        _wait_for(lambda: renewed.count("short") >= 2)
+        keeper.stop("short")
+        n = len(renewed)
+        keeper.start("later", ["unused"], 1800.0)       # due after the wait ends: no wake
+        time.sleep(0.3)
+        assert len(renewed) == n and "long" not in renewed and "later" not in renewed
+    finally:
+        keeper.close()
+
+
+def test_short_pulls_are_never_renewed():
+    keeper = LeaseKeeper("decode-x", 0)
+    renewed = []
+    keeper._renew = lambda r: renewed.append(r.msg.request_id)
+    try:
+        for i in range(50):
+            keeper.start(f"r{i}", ["unused"], 0.5)
+            keeper.stop(f"r{i}")
+        time.sleep(0.8)
+        assert renewed == []
+    finally:
+        keeper.close()
