@@ -2,7 +2,7 @@
 `pdbridge up` (P/D disaggregated) and against one `pdbridge serve --role both` on the same
 machine, in one run: time to first token p50 / p99, output tokens/s, and the transfer stage
 divided by one bare NIXL read of the same bytes plus its notification, measured in the same
-run on the same transport; and the peak resident memory of each deployment's processes
+run on the same transport, back to back and after the run's idle gap (measure_bare); and the peak resident memory of each deployment's processes
 (servers and TP workers together).
 
 The transfer stage is reported two ways, side by side: end to end (the decode server: request
