@@ -100,10 +100,14 @@ class Engine:
                  cache_config: CacheConfig | None = None, *, device: str = "cpu",
                  dtype: str | None = None, scheduler: SchedulerConfig = SchedulerConfig(),
                  loader: ModelLoader = load_model_shard, timeout_s: float = 120.0,
-                 worker_threads: int = 1):
+                 worker_threads: int = 1, start_timeout_s: float = 300.0):
         if not isinstance(tp_size, int) or tp_size < 1:
             raise ValueError(f"tp_size must be a positive integer, got {tp_size!r}")
         self.tp_size = tp_size
+        # Start-up (spawn, import torch, load the shard) is not bounded by the collectives'
+        # timeout: on a loaded machine it takes seconds, and a worker that dies is reported at
+        # once anyway (_join_group watches them).
+        self.start_timeout_s = max(start_timeout_s, timeout_s)
         if model_dir is None and loader is load_model_shard:
             model_dir = default_model_dir()     # resolved once, before any worker starts
         self.args = WorkerArgs(model_dir, tp_size, cache_config or CacheConfig(), device, dtype,
@@ -162,24 +166,25 @@ class Engine:
         def join():
             try:
                 box["group"] = RankGroup(self._rendezvous.path, 0, self.tp_size,
-                                         torch.device(self.args.device), self.args.timeout_s)
+                                         torch.device(self.args.device), self.args.timeout_s,
+                                         self.start_timeout_s)
             except BaseException as e:      # reported below
                 box["error"] = e
         t = threading.Thread(target=join, daemon=True, name="pdbridge-rendezvous")
         t.start()
-        waited = 0.0
+        until = time.monotonic() + self.start_timeout_s
         while t.is_alive():
             t.join(0.2)
-            waited += 0.2
             self._raise_if_dead()
-            if waited > self.args.timeout_s:
-                raise EngineError(f"TP workers did not join within {self.args.timeout_s} s")
+            if time.monotonic() > until:
+                raise EngineError(f"TP workers did not join within {self.start_timeout_s:g} s "
+                                  f"(start_timeout_s)")
         if "error" in box:
             raise EngineError(f"TP rendezvous failed: {box['error']}") from box["error"]
         return box["group"]
 
     def _check_ranks(self) -> None:
-        infos = self.call(Describe())
+        infos = self.call(Describe(), deadline_s=self.start_timeout_s)   # workers may still load
         digests = {i.layout_digest for i in infos}
         if len(digests) != 1:
             raise EngineError(f"ranks disagree on the cache layout: {digests}")
@@ -196,9 +201,10 @@ class Engine:
                 raise EngineError(f"TP worker rank {r} (pid {p.pid}) exited with code "
                                   f"{p.exitcode}; see its traceback above")
 
-    def call(self, msg: WorkerCall):
+    def call(self, msg: WorkerCall, deadline_s: float | None = None):
         """Run one call on every rank. Returns rank 0's result, or every rank's for `collect`
-        calls (decoded as rank 0's result type)."""
+        calls (decoded as rank 0's result type). `deadline_s` bounds the wait for the other
+        ranks to take the call (default: the engine's timeout_s)."""
         if self._closed:
             raise EngineError("the engine is closed")
         if self._group is None:
@@ -212,11 +218,11 @@ class Engine:
         # timeout, a dead rank, Ctrl-C) leaves them where no next call can meet them.
         self._desynced = True
         try:
-            self._group.broadcast_bytes(encode(msg))
+            self._group.broadcast_bytes(encode(msg), deadline_s)
             result = self.worker.handle(msg)
             if msg.collect:
                 import msgspec
-                blobs = self._group.gather_bytes(encode(result))
+                blobs = self._group.gather_bytes(encode(result), deadline_s)
                 result = [msgspec.msgpack.decode(b, type=type(result)) for b in blobs]
         except RuntimeError as e:           # CollectiveTimeout, or gloo's own errors
             self._wait_for_exit(2.0)

@@ -65,12 +65,13 @@ class RankGroup:
     host's ranks need no network to meet. The gloo pairs are bound to 127.0.0.1 explicitly."""
 
     def __init__(self, store_path: str, rank: int, size: int, device: torch.device,
-                 timeout_s: float):
+                 timeout_s: float, join_timeout_s: float | None = None):
         timeout = datetime.timedelta(seconds=timeout_s)
         self.rank, self.size = rank, size
         self.deadline_s = timeout_s         # rank 0's bound on each control collective
         self.store = dist.FileStore(store_path, size)
-        self.store.set_timeout(timeout)
+        # Meeting waits for the other ranks to start (join_timeout_s), not for a collective.
+        self.store.set_timeout(datetime.timedelta(seconds=max(timeout_s, join_timeout_s or 0)))
         self.control = dist.ProcessGroupGloo(dist.PrefixStore("control", self.store), rank, size,
                                              _gloo_options(CONTROL_TIMEOUT))
         comp_store = dist.PrefixStore("compute", self.store)

@@ -42,6 +42,36 @@ def test_close_stops_workers():
         e.generate([[1]], GREEDY)
 
 
+def test_start_up_is_not_bounded_by_the_collective_timeout():
+    """Spawning a rank (importing torch) takes longer than 0.3 s: start-up has its own bound
+    (start_timeout_s), so a short collective timeout does not fail a healthy start."""
+    from fake_model import load_fake
+    with Engine(None, 2, CFG, loader=load_fake, timeout_s=0.3) as e:
+        assert e.start_timeout_s >= 0.3
+        assert len(e.generate([[1, 2, 3]], GREEDY)[0].token_ids) == 2
+
+
+def test_a_rank_that_never_joins_is_reported_after_start_timeout_s(monkeypatch):
+    """A worker stopped as soon as it is spawned never meets rank 0: the rendezvous gives up
+    after start_timeout_s, naming it, and the stopped process is ended (no leftover)."""
+    import os
+    import signal
+    import multiprocessing.context as mpc
+    from fake_model import load_fake
+    started = []
+    spawn = mpc.SpawnProcess.start
+
+    def start_stopped(self):
+        spawn(self)
+        os.kill(self.pid, signal.SIGSTOP)
+        started.append(self)
+    monkeypatch.setattr(mpc.SpawnProcess, "start", start_stopped)
+    with pytest.raises(EngineError, match="start_timeout_s"):
+        run_bounded(lambda: Engine(None, 2, CFG, loader=load_fake, timeout_s=0.2,
+                                   start_timeout_s=1.0))
+    assert started and all(p.exitcode is not None for p in started)
+
+
 def test_stopped_worker_gives_an_error_and_close_still_ends_it():
     """A SIGSTOPped rank answers no collective: the engine's next call fails with an explicit
     error once its deadline passes (instead of waiting forever), and close() ends the
