@@ -29,7 +29,7 @@ from .pd_calls import (AwaitPush, ChooseStrategy, PDRankInfo, PDSetup, Pull, Pul
                        PullBatchResult, PullPhases, PullResult, RankRequest, StrategyChoice)
 from .pd_push import PushInbox
 from .pd_rank import RankBase
-from .rank_channel import RankChannelServer
+from .rank_channel import LocalRank, RankChannelServer
 
 
 class DecodeRank(RankBase):
@@ -52,12 +52,17 @@ class DecodeRank(RankBase):
         info.channel = self.channel.endpoint
         return info
 
+    def local(self) -> LocalRank:
+        """This rank as its node's process calls it directly (rank 0: RankChannel(local=)),
+        on the node's thread; its channel server then gets no requests."""
+        return LocalRank(self._serve, self._send_read_done)
+
     def _add_peer(self, name: str, agent: bytes) -> None:
         with self._agent_lock:
             self.transport.add_peer(name, agent)
 
     def _serve(self, request: RankRequest):
-        """A RankRequest from the node (on the channel's thread)."""
+        """A RankRequest from the node (on the channel's thread, or the node's: local)."""
         return getattr(self, request.handler)(request)
 
     # ---- pull ----------------------------------------------------------------------------
@@ -195,12 +200,9 @@ class DecodeRank(RankBase):
         self._read_done.append((call.prefill_engine_id, list(result.sources), msg))
 
     def _send_read_done(self) -> None:
-        """The queued ReadDones (on the channel's thread, after its reply; and at close)."""
+        """The queued ReadDones (after the reply: on the channel's thread, or for rank 0 on
+        the node's while the other ranks still read; and at close)."""
         queued, self._read_done = self._read_done, []
-        if queued:
-            # Rank 0 shares the node's process: let the node's thread, which the reply just
-            # woke, take the GIL before these sends do (paired runs: ~0.1 ms off the stage).
-            time.sleep(0)
         for engine_id, ranks, msg in queued:
             for r in ranks:
                 try:

@@ -163,7 +163,8 @@ class DecodeNode:
                                          secret=self.key.secret))
         infos = sorted(infos, key=lambda i: i.rank)
         self.agents = [i.agent_metadata for i in infos]
-        self.channel = RankChannel([i.channel for i in infos])
+        # Rank 0 is this process's: called on the caller's thread, not over its socket.
+        self.channel = RankChannel([i.channel for i in infos], self.engine.worker.pd.local())
 
     @property
     def tp_size(self) -> int:

@@ -133,3 +133,52 @@ def test_after_reply_runs_once_per_reply_and_cannot_stop_the_server():
     finally:
         channel.close()
         server.close()
+
+
+def test_a_local_rank_0_is_called_on_the_callers_thread_with_a_decoded_copy():
+    """Rank 0 in the node's process (LocalRank): called directly, after the remote ranks'
+    requests went out, with what a socket would have delivered (a decoded copy); its socket
+    gets nothing; its after_reply runs once per call, on the same thread."""
+    from pdbridge.engine.rank_channel import LocalRank
+    remote, seen, after = _Rank(1, delay_s=0.05), [], []
+
+    def handle(req):
+        seen.append((req, threading.get_ident(), len(remote.seen)))
+        return StrategyChoice(0, req.strategy)
+    unused = _Rank(0)                   # rank 0's server: not connected, never asked
+    channel = RankChannel([unused.server.endpoint, remote.server.endpoint],
+                          LocalRank(handle, lambda: after.append(threading.get_ident())))
+    try:
+        for s in (Strategy.DIRECT, Strategy.STAGING):
+            asked = _choose(s)
+            got = channel.call_all(asked, StrategyChoice, 5.0)
+            assert {j: (c.rank, c.strategy) for j, c in got.items()} == {0: (0, s), 1: (1, s)}
+            req, thread, _ = seen[-1]
+            assert req == asked and req is not asked and thread == threading.get_ident()
+        assert channel.call_all(_choose(), StrategyChoice, 5.0, ranks=[1]).keys() == {1}
+        assert len(seen) == 2 and after == [threading.get_ident()] * 2 and not unused.seen
+    finally:
+        channel.close()
+        remote.server.close()
+        unused.server.close()
+
+
+def test_a_failing_local_rank_is_missing_at_once_and_the_others_still_answer():
+    """rank 0's handler raising, or answering the wrong type: it is missing from the answer
+    right away (no wait for the timeout) and its after_reply does not run."""
+    from pdbridge.engine.rank_channel import LocalRank
+    remote, after = _Rank(1), []
+
+    def boom(req):
+        raise RuntimeError("a bug in rank 0's handler")
+    for handle in (boom, lambda req: PullResult(0, True)):
+        channel = RankChannel(["unix:///nonexistent", remote.server.endpoint],
+                              LocalRank(handle, lambda: after.append(1)))
+        try:
+            t0 = time.monotonic()
+            got = channel.call_all(_choose(), StrategyChoice, 30.0)
+            assert got.keys() == {1} and time.monotonic() - t0 < 10.0
+        finally:
+            channel.close()
+    remote.server.close()
+    assert after == []
