@@ -108,6 +108,15 @@ class FakeModel(nn.Module):
 
 
 CRASH_TOKEN = 13
+SLOW_LOAD_S = 2.0
+
+
+def load_fake_slow(model_dir, comm, device, dtype):
+    """The fake model, but ranks 1.. take SLOW_LOAD_S to load (a big shard on a busy disk)."""
+    import time
+    if comm.rank > 0:
+        time.sleep(SLOW_LOAD_S)
+    return load_fake(model_dir, comm, device, dtype)
 
 
 def load_fake_fragile(model_dir, comm, device, dtype):
