@@ -1,12 +1,13 @@
 """Worker: one TP rank's model shard and caches, and the loop ranks 1..t-1 run.
 
-Rank 0's Worker lives in the engine's process; the others run `worker_main` in spawned
+Rank 0's Worker lives in the engine's process; the others run `worker_main` in forked
 processes and execute each call rank 0 broadcasts (`WorkerCall.handler` names the method), so
 every rank runs the same forward with its own shard and its own caches.
 """
 from __future__ import annotations
 
 import os
+import select
 import signal
 import sys
 import threading
@@ -152,10 +153,15 @@ def worker_main(rank: int, args: WorkerArgs, store_path: str, parent_pid: int) -
 
 
 def _watch_parent(parent_pid: int) -> None:
-    """Exit when the engine's process is gone (killed hard, so no Shutdown ever comes)."""
+    """Exit when the engine's process is gone (killed hard, so no Shutdown ever comes). Ranks
+    are forked by a server process (`rank_process_context`), so the engine is not our parent: watch
+    its pid through a pidfd, which cannot be fooled by a reused pid."""
+    try:
+        fd = os.pidfd_open(parent_pid)
+    except ProcessLookupError:
+        os._exit(3)
+
     def watch():
-        while True:
-            if os.getppid() != parent_pid:
-                os._exit(3)
-            time.sleep(1.0)
+        select.select([fd], [], [])     # readable once the process has exited
+        os._exit(3)
     threading.Thread(target=watch, daemon=True, name="pdbridge-parent-watch").start()

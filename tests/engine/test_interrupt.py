@@ -28,15 +28,23 @@ def _descendants(root: int) -> set[int]:
 
 
 def _workers(root: int) -> list[int]:
-    """The engine's spawned TP workers among root's descendants (not the resource tracker)."""
+    """The engine's TP workers among root's descendants: the children of its fork server
+    (not the server itself, not the resource tracker)."""
+    def forkserver(pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                return b"multiprocessing.forkserver" in f.read()
+        except OSError:
+            return False
     out = []
     for pid in _descendants(root):
         try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"spawn_main" in f.read():
-                    out.append(pid)
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
         except OSError:
             continue
+        if forkserver(pid) and forkserver(ppid):
+            out.append(pid)
     return out
 
 

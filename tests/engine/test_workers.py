@@ -60,13 +60,13 @@ def test_a_rank_that_never_joins_is_reported_after_start_timeout_s(monkeypatch):
     import multiprocessing.context as mpc
     from fake_model import load_fake
     started = []
-    spawn = mpc.SpawnProcess.start
+    spawn = mpc.ForkServerProcess.start
 
     def start_stopped(self):
         spawn(self)
         os.kill(self.pid, signal.SIGSTOP)
         started.append(self)
-    monkeypatch.setattr(mpc.SpawnProcess, "start", start_stopped)
+    monkeypatch.setattr(mpc.ForkServerProcess, "start", start_stopped)
     with pytest.raises(EngineError, match="start_timeout_s"):
         run_bounded(lambda: Engine(None, 2, CFG, loader=load_fake, timeout_s=0.2,
                                    start_timeout_s=1.0))
@@ -92,3 +92,89 @@ def test_stopped_worker_gives_an_error_and_close_still_ends_it():
     finally:
         run_bounded(e.close)
     assert all(p.exitcode is not None for p in procs)
+
+
+ORPHAN_SCRIPT = """
+import sys, time
+sys.path[:0] = {paths!r}
+from fake_model import load_fake
+from pdbridge.engine.llm_engine import Engine
+from pdbridge.spec import CacheConfig
+
+if __name__ == "__main__":
+    e = Engine(None, 2, CacheConfig(num_blocks=8, block_tokens=4), loader=load_fake)
+    print(e._procs[0].pid, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_ranks_end_when_the_engine_process_is_killed_hard(tmp_path):
+    """SIGKILL gives the engine's process no chance to send Shutdown: its rank, forked by the
+    fork server (so not its child), notices through a pidfd and exits, and so does the fork
+    server. Nothing is left behind."""
+    import os
+    import pathlib
+    import signal
+    import subprocess
+    import sys
+    import time
+    from test_interrupt import _alive, _descendants
+    here = str(pathlib.Path(__file__).resolve().parent)
+    script = tmp_path / "engine.py"
+    script.write_text(ORPHAN_SCRIPT.format(paths=[here, str(pathlib.Path(here).parent)]))
+    p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        worker = int(run_bounded(p.stdout.readline))
+        procs = _descendants(p.pid)
+        assert worker in procs and len(procs) >= 2      # the fork server and the rank
+        assert all(map(_alive, procs))
+        p.kill()
+        p.wait(30)
+        bound = time.monotonic() + 30
+        while any(map(_alive, procs)) and time.monotonic() < bound:
+            time.sleep(0.05)
+        assert not [q for q in procs if _alive(q)], "processes outlived the engine's process"
+    finally:
+        if p.poll() is None:
+            p.kill()
+        for q in _descendants(p.pid):
+            os.kill(q, signal.SIGKILL)
+
+
+def test_the_fork_server_preloads_modules_that_exist():
+    """A preload module that fails to import is skipped silently by multiprocessing (every
+    rank would import torch again): the names must import."""
+    import importlib
+    import multiprocessing.forkserver as forkserver
+    from pdbridge.engine.llm_engine import rank_process_context
+    rank_process_context()
+    names = forkserver._forkserver._preload_modules
+    assert names == ["pdbridge.engine.rank_preload"]
+    for name in names:
+        importlib.import_module(name)
+
+
+def test_a_rank_watches_the_engine_process_not_its_parent():
+    """The watch a rank starts (`worker._watch_parent`) follows the engine's pid, which is not
+    its parent under the fork server: alive while that process lives (checked 1.5 s in, past
+    a 1 s poll), exit code 3 once it is gone."""
+    import subprocess
+    import sys
+    engine = subprocess.Popen(["sleep", "600"])
+    rank = subprocess.Popen([sys.executable, "-c",
+                             "import sys, time\n"
+                             "from pdbridge.engine.worker import _watch_parent\n"
+                             f"_watch_parent({engine.pid})\n"
+                             "print('watching', flush=True)\n"
+                             "time.sleep(600)\n"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert run_bounded(rank.stdout.readline) == "watching\n"
+        with pytest.raises(subprocess.TimeoutExpired):
+            rank.wait(1.5)
+        engine.kill()
+        engine.wait()
+        assert rank.wait(30) == 3
+    finally:
+        for p in (engine, rank):
+            if p.poll() is None:
+                p.kill()

@@ -1,4 +1,6 @@
-"""Run a function on t CPU ranks (torch.distributed, gloo) and return every rank's result."""
+"""Run a function on t CPU ranks (torch.distributed, gloo) and return every rank's result.
+The ranks are forked from the fork server the engines use (torch imported once per session,
+not once per rank)."""
 from __future__ import annotations
 
 import os
@@ -6,6 +8,8 @@ import tempfile
 
 import torch
 import torch.multiprocessing as mp
+
+from pdbridge.engine.llm_engine import rank_process_context
 
 
 def _worker(rank: int, size: int, outdir: str, fn, args) -> None:
@@ -26,5 +30,7 @@ def _worker(rank: int, size: int, outdir: str, fn, args) -> None:
 def run_tp(fn, size: int, *args) -> list:
     """fn(comm, *args) on `size` ranks; fn must be a module-level (picklable) function."""
     with tempfile.TemporaryDirectory() as outdir:
-        mp.spawn(_worker, args=(size, outdir, fn, args), nprocs=size, join=True)
+        rank_process_context()       # the engines' fork server: torch and pdbridge imported once
+        mp.start_processes(_worker, args=(size, outdir, fn, args), nprocs=size, join=True,
+                           start_method="forkserver")
         return [torch.load(os.path.join(outdir, f"rank{r}.pt")) for r in range(size)]
