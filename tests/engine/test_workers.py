@@ -123,6 +123,7 @@ def test_ranks_end_when_the_engine_process_is_killed_hard(tmp_path):
     script = tmp_path / "engine.py"
     script.write_text(ORPHAN_SCRIPT.format(paths=[here, str(pathlib.Path(here).parent)]))
     p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    procs: set[int] = set()
     try:
         worker = int(run_bounded(p.stdout.readline))
         procs = _descendants(p.pid)
@@ -137,7 +138,7 @@ def test_ranks_end_when_the_engine_process_is_killed_hard(tmp_path):
     finally:
         if p.poll() is None:
             p.kill()
-        for q in _descendants(p.pid):
+        for q in filter(_alive, procs):     # re-parented by then: not p's descendants
             os.kill(q, signal.SIGKILL)
 
 
