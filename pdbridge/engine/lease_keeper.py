@@ -5,7 +5,10 @@ started once with the rank and stopped in close(), renews every pull that has ru
 `renew_every_s` since it started or last renewed (a LeaseRenew to each source rank's metadata
 server); pulls shorter than that (nearly all) cost two dictionary updates, not a thread, and
 do not wake the thread either unless they are due before it next wakes (a wake-up costs the
-pull a GIL hand-over on its critical path; issue 10).
+pull a GIL hand-over on its critical path; issue 10). With nothing to renew the thread still
+wakes every `renew_every_s` (the shortest asked so far), so a pull that asks the same period
+is never due before that wake and never wakes it; an idle thread that slept until woken was
+woken by every pull.
 """
 from __future__ import annotations
 
@@ -35,7 +38,9 @@ class LeaseKeeper:
         self._cond = threading.Condition()
         self._stop = False
         self._wakes_at = float("inf")      # when the thread's current wait ends
+        self._idle_s = float("inf")        # its wait with nothing to renew: the shortest every_s
         self.sent = 0
+        self.woken = 0                      # pulls that had to wake the thread
         self._thread = threading.Thread(target=self._loop, daemon=True,
                                         name=f"pd-lease-{engine_id}-{rank}")
         self._thread.start()
@@ -46,10 +51,12 @@ class LeaseKeeper:
             return
         with self._cond:
             due = self._clock() + every_s
+            self._idle_s = min(self._idle_s, every_s)
             self._reading[request_id] = _Reading(LeaseRenew(request_id, self._engine_id,
                                                             self._rank), list(endpoints),
                                                  every_s, due)
             if due < self._wakes_at:
+                self.woken += 1
                 self._cond.notify()
 
     def stop(self, request_id: str) -> None:
@@ -63,9 +70,10 @@ class LeaseKeeper:
                     return
                 due = [r for r in self._reading.values() if r.due <= self._clock()]
                 if not due:
-                    nxt = min((r.due for r in self._reading.values()), default=None)
-                    self._wakes_at = float("inf") if nxt is None else nxt
-                    self._cond.wait(None if nxt is None else max(0.0, nxt - self._clock()))
+                    now = self._clock()
+                    nxt = min((r.due for r in self._reading.values()), default=now + self._idle_s)
+                    self._wakes_at = nxt
+                    self._cond.wait(None if nxt == float("inf") else max(0.0, nxt - now))
                     self._wakes_at = -float("inf")      # awake: it looks at every pull
                     continue
                 for r in due:

@@ -42,3 +42,25 @@ def test_short_pulls_are_never_renewed():
         assert renewed == []
     finally:
         keeper.close()
+
+
+def test_pulls_of_the_usual_period_do_not_wake_an_idle_keeper():
+    """After its first pull the keeper wakes every renew period on its own, so later pulls of
+    that period are never due before its next wake: none wakes it (each wake-up would cost
+    the pull a GIL hand-over on its critical path)."""
+    keeper = LeaseKeeper("decode-x", 0)
+    keeper._renew = lambda r: None
+    try:
+        keeper.start("first", ["unused"], 0.2)          # the thread slept until woken
+        keeper.stop("first")
+        assert keeper.woken == 1
+        time.sleep(0.5)                                 # "first" was due and is gone: idle
+        for i in range(20):
+            keeper.start(f"r{i}", ["unused"], 0.2)
+            keeper.stop(f"r{i}")
+        assert keeper.woken == 1
+        keeper.start("sooner", ["unused"], 0.01)        # a shorter period still wakes it
+        keeper.stop("sooner")
+        assert keeper.woken == 2
+    finally:
+        keeper.close()
