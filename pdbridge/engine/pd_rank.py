@@ -24,8 +24,10 @@ from .pd_calls import FlipByte, PDRankInfo, PDSetup
 
 POLL_INTERVAL_S = 0.001     # the passive NIXL side must progress about every ms (REFERENCE.md)
 # While reads are expected (a prefill step just ran, or a notification just came), faster:
-# a decode rank's read of this rank's memory completes only at this side's next progress
-# (measured in `pdbridge bench serve`: the read's wait is spread evenly over one interval).
+# over TCP (hosts apart) a decode rank's read of this rank's memory completes only at this
+# side's next progress (UCX emulates it with active messages; measured in `pdbridge bench
+# serve`: the read's wait was spread evenly over one interval). On one host reads go through
+# shared memory and need no progress here (nixl.DEFAULT_MM_ERROR_HANDLING); notifications do.
 POLL_HOT_S = 0.0001
 HOT_WINDOW_S = 0.05         # how long after a step or a notification the poller stays hot
 ROLES = ("prefill", "decode")
