@@ -35,6 +35,9 @@ class PDSetup(WorkerCall):
     # Prefill: the address its metadata server binds (and decode ranks of other hosts
     # reach); the loopback unless the node is told otherwise.
     side_channel_host: str = "127.0.0.1"
+    # Prefill: whether reads of this rank wait for its progress (over TCP), so that its
+    # poller polls fast after a forward (pd_rank.reads_need_progress).
+    hot_polling: bool = True
 
 
 class PDRankInfo(msgspec.Struct):

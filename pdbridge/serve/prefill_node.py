@@ -9,6 +9,7 @@ its ranks write each layer's bytes into the decode blocks while the last prefill
 from __future__ import annotations
 
 import itertools
+import os
 import secrets
 import time
 from collections import deque
@@ -17,6 +18,7 @@ from typing import Callable
 from pdbridge.engine.llm_engine import Engine, RequestHandle
 from pdbridge.engine.pd_calls import (ArmPush, DigestReads, ForgetRequest, PDSetup,
                                      PollNotifications, PreparePermute, PushTarget)
+from pdbridge.engine.pd_rank import reads_need_progress
 from pdbridge.plan import Strategy, check_push_strategy
 from pdbridge.spec import CacheConfig, EngineLayout
 from pdbridge.transport.bookkeeping import LeaseTable, Release
@@ -56,7 +58,9 @@ class PrefillNode:
         nbytes = scratch_nbytes if scratch_nbytes is not None else default_scratch_nbytes(self.layout)
         infos = self.engine.call(PDSetup("prefill", self.engine_id, transport, nbytes, timeout_s,
                                          secret=self.key.secret,
-                                         side_channel_host=side_channel_host))
+                                         side_channel_host=side_channel_host,
+                                         hot_polling=reads_need_progress(side_channel_host,
+                                                                         dict(os.environ))))
         self.endpoints = [i.endpoint for i in sorted(infos, key=lambda i: i.rank)]
         # The latest releases, oldest first: bounded, as a node serves for days.
         self._released: deque[Release[RequestHandle]] = deque(maxlen=max_released)
