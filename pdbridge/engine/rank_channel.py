@@ -41,6 +41,7 @@ from .pd_calls import ChooseStrategy, Pull, PullBatch, RankRequest
 log = logging.getLogger(__name__)
 POLL_MS = 50                # the node's wait: how often it checks the ranks are alive;
                             # the server's: how often it looks at its stop flag
+SPIN_S = 0.001              # after rank 0's part, how long the node polls for the others'
 SCHEME = "unix://"
 _HEADER = struct.Struct("<QQ")          # seq, body nbytes
 MAX_FRAME_NBYTES = 1 << 30              # a header claiming more is not ours: drop the line
@@ -204,15 +205,26 @@ class RankChannel:
             after = self._call_local(body, reply_type, replies)
             if 0 not in replies:
                 asked = asked - {0}         # it failed here and said so: nothing to wait for
-        deadline = time.monotonic() + timeout_s
+        now = time.monotonic()
+        deadline = now + timeout_s
+        # Rank 0 ran here while the others ran in theirs: their replies are due about now.
+        # Poll for them SPIN_S (yielding the core) before sleeping in select: a sleeping
+        # thread woke 0.13-0.2 ms after the reply (stamps on both sides); paired runs of
+        # `pdbridge up` put the stage 2-8% lower with the poll.
+        spin_until = now + SPIN_S if local else 0.0
         while asked - replies.keys() - self._lost:
-            left = deadline - time.monotonic()
+            now = time.monotonic()
+            left = deadline - now
             if left <= 0:
                 break
-            ready = self._sel.select(0 if after is not None else min(POLL_MS / 1000, left))
+            spinning = after is not None or now < spin_until
+            ready = self._sel.select(0 if spinning else min(POLL_MS / 1000, left))
             if not ready and after is not None:
                 self._run_after(after)      # while the other ranks still read
                 after = None
+                continue
+            if not ready and spinning:
+                os.sched_yield()
                 continue
             for key, _ in ready:
                 rank = key.data

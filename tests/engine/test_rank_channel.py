@@ -182,3 +182,22 @@ def test_a_failing_local_rank_is_missing_at_once_and_the_others_still_answer():
             channel.close()
     remote.server.close()
     assert after == []
+
+
+@pytest.mark.parametrize("delay_s", [0.0, 0.0004, 0.02])
+def test_remote_replies_are_taken_while_the_node_polls_and_after(delay_s):
+    """After rank 0's part the node polls for the other ranks' replies for SPIN_S, then
+    sleeps in select: a reply in either phase (here: at once, inside SPIN_S, well after it)
+    is taken, and the next call's replies are its own."""
+    from pdbridge.engine.rank_channel import SPIN_S, LocalRank
+    assert delay_s < SPIN_S or delay_s > 10 * SPIN_S or delay_s == 0.0
+    remote = _Rank(1, delay_s=delay_s)
+    channel = RankChannel(["unix:///nonexistent", remote.server.endpoint],
+                          LocalRank(lambda req: StrategyChoice(0, req.strategy)))
+    try:
+        for s in (Strategy.DIRECT, Strategy.STAGING, Strategy.PERMUTE):
+            got = channel.call_all(_choose(s), StrategyChoice, 10.0)
+            assert {j: (c.rank, c.strategy) for j, c in got.items()} == {0: (0, s), 1: (1, s)}
+    finally:
+        channel.close()
+        remote.server.close()
