@@ -49,6 +49,12 @@ def add_arguments(parser) -> None:
                              "decode servers on other hosts must reach (default: --host). "
                              "NIXL's own traffic uses the interfaces in UCX_NET_DEVICES "
                              "(default lo): name the interface of that address there")
+    parser.add_argument("--cpu-affinity", default="auto", metavar="auto|off|LIST",
+                        help="the CPUs this server's TP ranks split, one contiguous part each, "
+                             "every thread of a rank on its part: auto (default) all the CPUs "
+                             "this process may use, off the OS places every thread, or a list "
+                             "like 0-3,8 (one rank woken by another otherwise tends to run on "
+                             "the waker's CPU, one after the other)")
     parser.add_argument("--log-level", default="warning",
                         choices=("critical", "error", "warning", "info", "debug"),
                         help="uvicorn's log level (default warning)")
@@ -78,7 +84,8 @@ def check(args) -> str:
                 f"generate_secret as g; print(g())\")")
     if args.device != "cpu" and args.role != "both":
         return f"--device {args.device}: only --role both runs on another device today"
-    return ""
+    from pdbridge.engine.cpu_affinity import check_cpus
+    return check_cpus(args.cpu_affinity, "--cpu-affinity")[0]
 
 
 def run(args) -> int:
@@ -92,15 +99,19 @@ def run(args) -> int:
     if error:
         print(f"{prog}: {error}", file=sys.stderr)
         return 2
+    from pdbridge.engine.cpu_affinity import check_cpus, pin_process, rank_cpus
     from pdbridge.serve.node_service import NodeConfig, NodeService
     from pdbridge.serve.decode_node import OnFailure
     from pdbridge.serve.wire import Role
+    cpus = check_cpus(args.cpu_affinity, "--cpu-affinity")[1]
+    if cpus:        # rank 0 is this process: pinned before it starts any thread
+        pin_process(rank_cpus(cpus, args.tp, 0))
     config = NodeConfig(role=Role(args.role), model_dir=args.model, tp_size=args.tp,
                         cache=cache, model_name=args.model_name, device=args.device,
                         strategy=args.strategy, on_failure=OnFailure(args.on_failure),
                         lease_s=args.lease_s, pull_timeout_s=args.pull_timeout_s,
                         checksums=args.checksums, pull_batch=args.pull_batch,
-                        side_channel_host=args.side_channel_host or args.host)
+                        side_channel_host=args.side_channel_host or args.host, cpus=cpus)
     print(f"{prog}: starting the {args.role} engine (TP={args.tp}) ...", file=sys.stderr,
           flush=True)
     service = NodeService(config)

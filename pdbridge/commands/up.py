@@ -3,7 +3,9 @@ decode server per --decode-tp size, and the router in front -- then prints the U
 
 The servers are child processes (`pdbridge serve`), sharing one side-channel secret that is
 generated here (unless PDBRIDGE_SECRET / PDBRIDGE_SECRET_FILE is set); their output is
-forwarded, prefixed with their role. Ctrl-C (or SIGTERM) stops everything.
+forwarded, prefixed with their role. Ctrl-C (or SIGTERM) stops everything. Each server gets
+its own part of this machine's CPUs when there is one CPU per rank (`--cpu-affinity`,
+engine/cpu_affinity.py), and its ranks split it.
 """
 from __future__ import annotations
 
@@ -34,6 +36,13 @@ def add_arguments(parser) -> None:
                         help="decode servers: requests pulled in one round trip (default 16)")
     parser.add_argument("--timeout-s", type=float, default=120.0, metavar="S",
                         help="the router's deadline per upstream call (default 120)")
+    parser.add_argument("--cpu-affinity", default="auto", choices=("auto", "off"),
+                        help="auto (default): each server's TP ranks on CPUs of their own, each "
+                             "server its own part of this machine's CPUs where there are "
+                             "enough for one per rank (else each server splits all of them: "
+                             "the fastest transfers, but under load on a machine with fewer "
+                             "CPUs than ranks slower than off, see the README); off: the OS "
+                             "places every thread (`pdbridge serve --cpu-affinity`)")
     parser.add_argument("--log-level", default="warning",
                         choices=("critical", "error", "warning", "info", "debug"))
 
@@ -138,10 +147,16 @@ def run(args) -> int:
                                        "--strategy", args.strategy,
                                        "--pull-batch", str(args.pull_batch),
                                        "--on-failure", args.on_failure], port))
+    if args.cpu_affinity == "off":
+        parts = ["off"] * len(servers)
+    else:
+        from pdbridge.engine.cpu_affinity import available_cpus, format_cpu_list, server_cpus
+        split = server_cpus(available_cpus(), [args.prefill_tp, *dtps])
+        parts = [format_cpu_list(p) for p in split] if split else ["auto"] * len(servers)
     children = Children()
     try:
-        for name, extra, _ in servers:
-            children.start(name, base + extra, env)
+        for (name, extra, _), cpus in zip(servers, parts):
+            children.start(name, base + extra + ["--cpu-affinity", cpus], env)
         print(f"{prog}: starting prefill TP={args.prefill_tp} and decode TP="
               f"{','.join(map(str, dtps))} ...", file=sys.stderr, flush=True)
         error = children.wait_ready(600.0)

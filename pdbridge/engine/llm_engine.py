@@ -111,7 +111,11 @@ class Engine:
                  cache_config: CacheConfig | None = None, *, device: str = "cpu",
                  dtype: str | None = None, scheduler: SchedulerConfig = SchedulerConfig(),
                  loader: ModelLoader = load_model_shard, timeout_s: float = 120.0,
-                 worker_threads: int = 1, start_timeout_s: float = 300.0):
+                 worker_threads: int = 1, start_timeout_s: float = 300.0,
+                 cpus: tuple[int, ...] | None = None):
+        """cpus: the CPUs this engine's ranks split, one part each (cpu_affinity.rank_cpus);
+        ranks 1..t-1 pin themselves to theirs, rank 0 (this process) is pinned by the caller,
+        before it starts any thread (`pdbridge serve` does); None: no pinning."""
         if not isinstance(tp_size, int) or tp_size < 1:
             raise ValueError(f"tp_size must be a positive integer, got {tp_size!r}")
         self.tp_size = tp_size
@@ -122,7 +126,8 @@ class Engine:
         if model_dir is None and loader is load_model_shard:
             model_dir = default_model_dir()     # resolved once, before any worker starts
         self.args = WorkerArgs(model_dir, tp_size, cache_config or CacheConfig(), device, dtype,
-                               loader, timeout_s, worker_threads)
+                               loader, timeout_s, worker_threads,
+                               tuple(cpus) if cpus else None)
         self._procs: list[mp.process.BaseProcess] = []
         self._group: RankGroup | None = None
         self._closed = False

@@ -22,6 +22,7 @@ from pdbridge.spec import CacheConfig, EngineLayout
 
 from .messages import Describe, RankInfo, Shutdown, Step, WorkerCall, decode_call, encode
 from . import cache_snapshot, pd_calls  # noqa: F401  (register their calls on every rank)
+from .cpu_affinity import pin_process, rank_cpus
 from .paged_caches import PagedCaches
 from .rank_group import RankGroup
 
@@ -40,6 +41,7 @@ class WorkerArgs:
     loader: ModelLoader
     timeout_s: float
     num_threads: int
+    cpus: tuple[int, ...] | None = None     # the CPUs the ranks split (cpu_affinity); None: any
 
 
 class Worker:
@@ -133,6 +135,8 @@ def worker_main(rank: int, args: WorkerArgs, store_path: str, parent_pid: int) -
     # Ctrl-C in a terminal signals the whole process group; the engine's process (rank 0)
     # alone decides how its ranks stop (Engine.close), so a worker never dies mid-collective.
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # already so since pdbridge/__init__.py
+    if args.cpus:                   # first: the threads it starts inherit it
+        pin_process(rank_cpus(args.cpus, args.tp_size, rank))
     torch.set_num_threads(args.num_threads)
     _watch_parent(parent_pid)
     try:

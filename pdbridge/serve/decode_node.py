@@ -141,7 +141,8 @@ class DecodeNode:
                  on_failure: OnFailure | str = OnFailure.RECOMPUTE,
                  staging_nbytes: int | None = None, timeout_s: float = 60.0,
                  pull_timeout_s: float = 30.0, transfer_mode: TransferMode | str = "pull",
-                 key: SideChannelKey | None = None, checksums: bool = False):
+                 key: SideChannelKey | None = None, checksums: bool = False,
+                 cpus: tuple[int, ...] | None = None):
         self.engine_id = engine_id or f"decode{next(_ENGINE_IDS)}"
         self.key = key or load_key()        # the side channel's secret (side_channel_key.py)
         self.transfer_mode = parse_transfer_mode(transfer_mode)
@@ -153,7 +154,7 @@ class DecodeNode:
         # a mismatch fails the transfer like any other failure (on_failure).
         self.checksums = checksums
         self.pull_timeout_s = pull_timeout_s       # handshake and reads of one pull
-        self.engine = Engine(model_dir, tp_size, cache_config, timeout_s=timeout_s)
+        self.engine = Engine(model_dir, tp_size, cache_config, timeout_s=timeout_s, cpus=cpus)
         self.layout: EngineLayout = self.engine.layout
         self.layout_dict = self.layout.to_dict()
         self._prefill_layouts: dict[str, dict] = {}     # digest -> layout, from handshakes

@@ -61,6 +61,7 @@ class NodeConfig:
     checksums: bool = False
     pull_batch: int = 16                    # decode: most queued requests in one pull round trip
     side_channel_host: str = "127.0.0.1"    # prefill: where decode ranks reach its ranks
+    cpus: tuple[int, ...] | None = None     # the CPUs the ranks split (cpu_affinity); None: any
 
 
 class NodeService:
@@ -79,18 +80,20 @@ class NodeService:
             self.node = PrefillNode(self.model_dir, config.tp_size, config.cache,
                                     transport=config.transport, lease_s=config.lease_s,
                                     timeout_s=config.timeout_s, checksums=config.checksums,
-                                    side_channel_host=config.side_channel_host)
+                                    side_channel_host=config.side_channel_host,
+                                    cpus=config.cpus)
             engine = self.node.engine
         elif role is Role.DECODE:
             self.node = DecodeNode(self.model_dir, config.tp_size, config.cache,
                                    transport=config.transport, strategy=config.strategy,
                                    on_failure=config.on_failure, timeout_s=config.timeout_s,
                                    pull_timeout_s=config.pull_timeout_s,
-                                   checksums=config.checksums)
+                                   checksums=config.checksums, cpus=config.cpus)
             engine = self.node.engine
         else:
             self.node = engine = Engine(self.model_dir, config.tp_size, config.cache,
-                                        device=config.device, timeout_s=config.timeout_s)
+                                        device=config.device, timeout_s=config.timeout_s,
+                                        cpus=config.cpus)
         self.engine: Engine = engine
         self.engine_id = getattr(self.node, "engine_id", f"both-{os.getpid()}")
         layout = engine.layout

@@ -44,12 +44,13 @@ class PrefillNode:
                  scratch_nbytes: int | None = None, timeout_s: float = 60.0,
                  clock: Callable[[], float] = time.monotonic, max_lease_s: float | None = None,
                  key: SideChannelKey | None = None, checksums: bool = False,
-                 side_channel_host: str = "127.0.0.1", max_released: int = MAX_RELEASED):
+                 side_channel_host: str = "127.0.0.1", max_released: int = MAX_RELEASED,
+                 cpus: tuple[int, ...] | None = None):
         self.clock = clock                  # lease times: tests drive a fake clock
         self.key = key or load_key()        # the side channel's secret (side_channel_key.py)
         self.checksums = checksums          # digest what decode ranks read (digest_reads)
         self.engine_id = engine_id or f"prefill{next(_ENGINE_IDS)}"
-        self.engine = Engine(model_dir, tp_size, cache_config, timeout_s=timeout_s)
+        self.engine = Engine(model_dir, tp_size, cache_config, timeout_s=timeout_s, cpus=cpus)
         self.layout: EngineLayout = self.engine.layout
         # Renewals extend a lease up to max_lease_s after prefill, never further (issue 12:
         # forged renewals pinned blocks without limit).

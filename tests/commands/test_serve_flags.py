@@ -19,3 +19,16 @@ def test_pull_batch_is_at_least_one(batch, error, monkeypatch):
     args = _args(serve, ["--role", "decode", "--pull-batch", str(batch)])
     assert serve.check(args) == error
     assert up.check(_args(up, ["--pull-batch", str(batch)]))[0] == error
+
+
+@pytest.mark.parametrize("value,error", [
+    ("auto", ""), ("off", ""), ("0", ""),
+    ("99999", "--cpu-affinity '99999': CPU 99999 is not available to this process; allowed: "
+              "auto, off, or a list within "),
+    ("x-1", "--cpu-affinity 'x-1': 'x-1' is not a CPU number or range like 0-3; allowed: ")])
+def test_cpu_affinity_is_a_cpu_list_within_this_process(value, error, monkeypatch):
+    monkeypatch.setenv("PDBRIDGE_SECRET", "x")
+    got = serve.check(_args(serve, ["--role", "decode", "--cpu-affinity", value]))
+    assert got.startswith(error) and bool(got) == bool(error), got
+    with pytest.raises(SystemExit):                 # up: auto or off only (argparse says so)
+        _args(up, ["--cpu-affinity", "0"])

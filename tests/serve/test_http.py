@@ -271,23 +271,34 @@ def test_killing_the_decode_server_mid_request_is_an_error_not_a_hang(tmp_path):
                 p.stop()
 
 
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                pass
+    return out
+
+
+def _tree(pid: int) -> list[int]:
+    """The process and its descendants, from /proc."""
+    pids, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        pids.append(p)
+        todo += _children(p)
+    return pids
+
+
 def test_every_listener_of_the_deployment_is_on_loopback(stack):
     """Router, servers, their TP workers: every listening socket (HTTP, ZeroMQ, UCX, gloo)
     is on 127.0.0.1 (issue 12), and the HTTP ports are among them."""
     from test_listeners import listening
-    pid = stack["proc"].p.pid
-    pids, todo = [], [pid]
-    while todo:                                 # the process tree, from /proc
-        p = todo.pop()
-        pids.append(p)
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    with open(f"/proc/{entry}/stat") as f:
-                        if int(f.read().rsplit(")", 1)[1].split()[1]) == p:
-                            todo.append(int(entry))
-                except (OSError, ValueError, IndexError):
-                    pass
+    pids = _tree(stack["proc"].p.pid)
     found = listening(pids)
     base = int(stack["url"].rsplit(":", 1)[1])
     for port in (base, base + 1, base + 2):
@@ -295,3 +306,28 @@ def test_every_listener_of_the_deployment_is_on_loopback(stack):
     assert len(pids) >= 5                       # up, 2 servers, 2 decode TP workers
     wrong = [a for a in found if not (a.startswith("127.") or a.startswith("[::1]"))]
     assert not wrong, f"listening beyond the loopback: {wrong}"
+
+
+def test_each_rank_of_the_deployment_runs_on_cpus_of_its_own(stack):
+    """`pdbridge up` (--cpu-affinity auto): the decode server's threads on rank 0's part of
+    its CPUs, its TP worker's on rank 1's, the prefill server's on its own part (on a machine
+    with fewer CPUs than ranks, each server splits all of them)."""
+    from pdbridge.engine.cpu_affinity import available_cpus, rank_cpus, server_cpus
+    cpus = available_cpus()
+    split = server_cpus(cpus, [1, 2]) or [cpus, cpus]
+
+    def server(role):
+        for pid in _children(stack["proc"].p.pid):
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f"--role\0{role}\0".encode() in f.read():
+                    return pid
+        raise AssertionError(f"no {role} server under `pdbridge up`")
+
+    def threads(pid):
+        return {frozenset(os.sched_getaffinity(int(t))) for t in os.listdir(f"/proc/{pid}/task")}
+    decode = server("decode")
+    workers = [w for c in _children(decode) for w in _children(c)]  # forkserver -> ranks
+    assert len(workers) == 1, workers
+    assert threads(server("prefill")) == {frozenset(split[0])}
+    assert threads(decode) == {rank_cpus(split[1], 2, 0)}
+    assert threads(workers[0]) == {rank_cpus(split[1], 2, 1)}
