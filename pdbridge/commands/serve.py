@@ -105,7 +105,9 @@ def run(args) -> int:
     from pdbridge.serve.wire import Role
     cpus = check_cpus(args.cpu_affinity, "--cpu-affinity")[1]
     if cpus:        # rank 0 is this process: pinned before it starts any thread
-        pin_process(rank_cpus(cpus, args.tp, 0))
+        why = pin_process(rank_cpus(cpus, args.tp, 0))
+        if why:
+            print(f"{prog}: --cpu-affinity: {why}; running unpinned", file=sys.stderr)
     config = NodeConfig(role=Role(args.role), model_dir=args.model, tp_size=args.tp,
                         cache=cache, model_name=args.model_name, device=args.device,
                         strategy=args.strategy, on_failure=OnFailure(args.on_failure),

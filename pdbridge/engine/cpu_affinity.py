@@ -108,12 +108,17 @@ def check_cpus(value: str, flag: str) -> tuple[str, tuple[int, ...] | None]:
     return "", cpus
 
 
-def pin_process(cpus: Sequence[int]) -> None:
+def pin_process(cpus: Sequence[int]) -> str:
     """Run every thread of this process on `cpus`, and so every thread and process they start
-    after this (a thread inherits its creator's affinity; some start at import time)."""
+    after this (a thread inherits its creator's affinity; some start at import time). Returns
+    why it could not ("" when it did): a placement is a speed-up, so callers warn and go on."""
     cpus = set(cpus)
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            os.sched_setaffinity(int(tid), cpus)
-        except ProcessLookupError:      # the thread ended meanwhile
-            pass
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                os.sched_setaffinity(int(tid), cpus)
+            except ProcessLookupError:      # the thread ended meanwhile
+                pass
+    except OSError as e:                    # e.g. a cgroup that moved the CPUs away since
+        return f"could not pin to CPUs {format_cpu_list(cpus)}: {e}"
+    return ""

@@ -136,7 +136,9 @@ def worker_main(rank: int, args: WorkerArgs, store_path: str, parent_pid: int) -
     # alone decides how its ranks stop (Engine.close), so a worker never dies mid-collective.
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # already so since pdbridge/__init__.py
     if args.cpus:                   # first: the threads it starts inherit it
-        pin_process(rank_cpus(args.cpus, args.tp_size, rank))
+        why = pin_process(rank_cpus(args.cpus, args.tp_size, rank))
+        if why:
+            print(f"pdbridge rank {rank}: {why}; running unpinned", file=sys.stderr)
     torch.set_num_threads(args.num_threads)
     _watch_parent(parent_pid)
     try:

@@ -90,3 +90,12 @@ def test_each_worker_process_runs_on_its_part(pinned):
                    .token_ids) == 2
     want = [{rank_cpus(cpus, 3, r)} if pinned else {frozenset(cpus)} for r in (1, 2)]
     assert got == want
+
+
+def test_a_pin_that_fails_is_reported_not_raised(monkeypatch):
+    """Pinning is a speed-up: where the OS refuses it the caller is told why and goes on."""
+    def refuse(tid, cpus):
+        raise OSError(22, "Invalid argument")
+    monkeypatch.setattr(os, "sched_setaffinity", refuse)
+    from pdbridge.engine.cpu_affinity import pin_process
+    assert pin_process([0, 1]) == "could not pin to CPUs 0-1: [Errno 22] Invalid argument"
