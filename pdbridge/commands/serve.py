@@ -99,7 +99,7 @@ def run(args) -> int:
     if error:
         print(f"{prog}: {error}", file=sys.stderr)
         return 2
-    from pdbridge.engine.cpu_affinity import check_cpus, pin_process, rank_cpus
+    from pdbridge.engine.cpu_affinity import check_cpus, format_cpu_list, pin_process, rank_cpus
     from pdbridge.serve.node_service import NodeConfig, NodeService
     from pdbridge.serve.decode_node import OnFailure
     from pdbridge.serve.wire import Role
@@ -114,8 +114,11 @@ def run(args) -> int:
                         lease_s=args.lease_s, pull_timeout_s=args.pull_timeout_s,
                         checksums=args.checksums, pull_batch=args.pull_batch,
                         side_channel_host=args.side_channel_host or args.host, cpus=cpus)
-    print(f"{prog}: starting the {args.role} engine (TP={args.tp}) ...", file=sys.stderr,
-          flush=True)
+    placed = "ranks on CPUs " + " | ".join(format_cpu_list(rank_cpus(cpus, args.tp, r))
+                                           for r in range(args.tp)) if cpus else \
+        "ranks on any CPU: --cpu-affinity off"
+    print(f"{prog}: starting the {args.role} engine (TP={args.tp}, {placed}) ...",
+          file=sys.stderr, flush=True)
     service = NodeService(config)
     try:
         from pdbridge.serve.node_app import build_app

@@ -312,7 +312,8 @@ def test_each_rank_of_the_deployment_runs_on_cpus_of_its_own(stack):
     """`pdbridge up` (--cpu-affinity auto): the decode server's threads on rank 0's part of
     its CPUs, its TP worker's on rank 1's, the prefill server's on its own part (on a machine
     with fewer CPUs than ranks, each server splits all of them)."""
-    from pdbridge.engine.cpu_affinity import available_cpus, rank_cpus, server_cpus
+    from pdbridge.engine.cpu_affinity import (available_cpus, format_cpu_list, rank_cpus,
+                                              server_cpus)
     cpus = available_cpus()
     split = server_cpus(cpus, [1, 2]) or [cpus, cpus]
 
@@ -331,3 +332,6 @@ def test_each_rank_of_the_deployment_runs_on_cpus_of_its_own(stack):
     assert threads(server("prefill")) == {frozenset(split[0])}
     assert threads(decode) == {rank_cpus(split[1], 2, 0)}
     assert threads(workers[0]) == {rank_cpus(split[1], 2, 1)}
+    parts = " | ".join(format_cpu_list(rank_cpus(split[1], 2, r)) for r in range(2))
+    assert (f"[decode0] pdbridge serve: starting the decode engine (TP=2, ranks on CPUs "
+            f"{parts}) ...") in stack["proc"].output, stack["proc"].output     # and says so
