@@ -1,9 +1,11 @@
 """`pdbridge bench serve`: N concurrent streaming clients with mixed prompt lengths against
 `pdbridge up` (P/D disaggregated) and against one `pdbridge serve --role both` on the same
 machine, in one run: time to first token p50 / p99, output tokens/s, and the transfer stage
-divided by one bare NIXL read of the same bytes plus its notification, measured in the same
-run on the same transport, back to back and after the run's idle gap (measure_bare); and the peak resident memory of each deployment's processes
-(servers and TP workers together).
+divided by one bare NIXL read of the same bytes plus its notification measured in the same
+run: in place (every 2nd pull's decode ranks time one first, on the same agents and cores),
+and on agents of the bench's own, back to back and after the run's idle gap (measure_bare);
+and the peak resident memory of each deployment's processes (servers and TP workers
+together).
 
 The transfer stage is reported two ways, side by side: end to end (the decode server: request
 received -> its state in place, i.e. every rank's pull returned: waiting for the engine loop
@@ -112,7 +114,8 @@ def _buckets(text: str, name: str) -> dict[float, float]:
 
 def histogram_median(before: str, after: str, name: str) -> float:
     """The median of what a histogram observed between two scrapes, interpolated linearly
-    inside its bucket (so as fine as the buckets, 0.25 ms at the low end)."""
+    inside its bucket (so as fine as the buckets: 0.05-0.25 ms up to 2 ms for the transfer
+    histograms, metrics._FINE_BUCKETS)."""
     b0, b1 = _buckets(before, name), _buckets(after, name)
     bounds = sorted(b1)
     counts = [b1[le] - b0.get(le, 0.0) for le in bounds]
@@ -254,7 +257,7 @@ def run_bench(cfg: ServeBenchConfig, progress=lambda m: None) -> dict:
     progress(f"starting pdbridge up (prefill TP={cfg.prefill_tp}, decode TP={cfg.decode_tp})")
     up = _start(["up", "--port", str(port), "--prefill-tp", str(cfg.prefill_tp),
                  "--decode-tp", str(cfg.decode_tp), "--num-blocks", str(cfg.num_blocks),
-                 *model], env, "router over")
+                 "--floor-probe", str(PROBE_EVERY), *model], env, "router over")
     try:
         url = f"http://127.0.0.1:{port}"
         asyncio.run(_client_run(url, prompts[:cfg.clients], cfg))      # warm-up
@@ -268,8 +271,16 @@ def run_bench(cfg: ServeBenchConfig, progress=lambda m: None) -> dict:
     d = {k: _metric(after, k) - _metric(before, k) for k in (
         "pdbridge_transfer_seconds_sum", "pdbridge_transfer_seconds_count",
         "pdbridge_transfer_queued_seconds_sum", "pdbridge_pull_seconds_sum",
-        "pdbridge_transfer_bytes_total", "pdbridge_recomputed_total")}
+        "pdbridge_transfer_bytes_total", "pdbridge_recomputed_total",
+        "pdbridge_probe_seconds_sum", "pdbridge_probe_seconds_count", "pdbridge_probe_bytes_total",
+        "pdbridge_probed_transfer_seconds_count")}
+    # The stage and pull figures are the plain requests' (the probed ones are apart).
     n = max(1, d["pdbridge_transfer_seconds_count"])
+    probes = d["pdbridge_probe_seconds_count"]
+    pd["probes"] = int(probes)
+    pd["probe_s_mean"] = d["pdbridge_probe_seconds_sum"] / max(1, probes)
+    pd["probe_s_p50"] = histogram_median(before, after, "pdbridge_probe_seconds")
+    pd["probe_bytes_mean"] = d["pdbridge_probe_bytes_total"] / max(1, probes)
     pd["transfer_s_mean"] = d["pdbridge_transfer_seconds_sum"] / n
     pd["transfer_queued_s_mean"] = d["pdbridge_transfer_queued_seconds_sum"] / n
     pd["pull_s_mean"] = d["pdbridge_pull_seconds_sum"] / n
@@ -279,7 +290,8 @@ def run_bench(cfg: ServeBenchConfig, progress=lambda m: None) -> dict:
         for part in PULL_PARTS}
     pd["transfer_s_p50"] = histogram_median(before, after, "pdbridge_transfer_seconds")
     pd["pull_s_p50"] = histogram_median(before, after, "pdbridge_pull_seconds")
-    pd["transfer_bytes_mean"] = d["pdbridge_transfer_bytes_total"] / n
+    pd["transfer_bytes_mean"] = d["pdbridge_transfer_bytes_total"] / max(
+        1, d["pdbridge_transfer_seconds_count"] + d["pdbridge_probed_transfer_seconds_count"])
     pd["recomputed"] = int(d["pdbridge_recomputed_total"])
     pd["peak_rss_mib"] = pd_peak
     progress("bare NIXL read + notification of the mean request's bytes")
@@ -303,24 +315,36 @@ def run_bench(cfg: ServeBenchConfig, progress=lambda m: None) -> dict:
 
 IDLE_REPS = 20             # bare reads after the run's gap (each waits that gap first)
 MAX_IDLE_S = 0.5
+PROBE_EVERY = 2            # every 2nd pull of the P/D run is probed (serve --floor-probe)
+FLOORS = {"_probe": "the floor in place", "_idle": "bare after the same idle",
+          "": "bare back to back"}
 
 
 def measure_bare(pd: dict, cfg: ServeBenchConfig) -> None:
-    """The bare read two ways, and each stage over each: back to back (a hot core: the
-    least there is), and each read after the run's mean gap between requests (wall / count).
-    On this machine a core left idle for a few ms runs the next ~ms of work 2-4x slower
-    (measured: the same warm plan 0.2 ms back to back, 0.6 ms after 5 ms asleep; the bare
-    read 0.18 ms, 0.7 ms after 10 ms, 1.0 ms after 100 ms), and a lightly loaded server's
-    transfer always comes after such a gap, so only the second compares like with like."""
+    """The stage and the pull over three floors, mean over mean and median over median.
+
+    In place, the one that compares like with like: every PROBE_EVERY-th pull of the run
+    first times one bare read of the pull's bytes and its notification on each decode rank,
+    where that pull starts (DecodeRank._probe), so on the same agents and cores, after the
+    same wakeup, in the same host state as the plain requests' stages between them (those
+    exclude the probed requests). Two more on agents of the bench's own, after the stack
+    stopped, for context: back to back (a hot core: the least there is), and each read after
+    the run's mean gap between requests. Those share neither the servers' cores nor the
+    host's state: here a read after 175 ms asleep took 5.4 ms one hour and 0.6 ms another
+    (issue 10), and the servers' threads never sleep that long (the engine loop's tick)."""
     nbytes = pd["transfer_bytes_mean"]
     pd["idle_gap_s"] = min(MAX_IDLE_S, pd["wall_s"] / max(1, cfg.requests))
-    for suffix, bare in (("", bare_read_s(nbytes)),
-                         ("_idle", bare_read_s(nbytes, IDLE_REPS, pd["idle_gap_s"]))):
+    floors = {}
+    if pd.get("probes"):
+        floors["_probe"] = (pd["probe_s_mean"], pd["probe_s_p50"])
+    for suffix, bare in (("_idle", bare_read_s(nbytes, IDLE_REPS, pd["idle_gap_s"])),
+                         ("", bare_read_s(nbytes))):
         pd[f"bare_read{suffix}_s"] = bare
-        pd[f"transfer_over_bare{suffix}"] = pd["transfer_s_mean"] / bare
-        pd[f"pull_over_bare{suffix}"] = pd["pull_s_mean"] / bare
-        pd[f"transfer_p50_over_bare{suffix}"] = pd["transfer_s_p50"] / bare
-        pd[f"pull_p50_over_bare{suffix}"] = pd["pull_s_p50"] / bare
+        floors[suffix] = (bare, bare)
+    for suffix, (mean, p50) in floors.items():
+        for stage in ("transfer", "pull"):
+            pd[f"{stage}_over_bare{suffix}"] = pd[f"{stage}_s_mean"] / mean
+            pd[f"{stage}_p50_over_bare{suffix}"] = pd[f"{stage}_s_p50"] / p50
 
 
 def format_table(res: dict) -> str:
@@ -336,24 +360,28 @@ def format_table(res: dict) -> str:
                      f"{r['tokens_per_s']:.1f} | {r['wall_s']:.2f} | {r['peak_rss_mib']:.0f} |")
     lines.append(f"P/D / both: TTFT p50 {pd['ttft_p50_s'] / mono['ttft_p50_s']:.2f}x, "
                  f"throughput {pd['tokens_per_s'] / mono['tokens_per_s']:.2f}x")
-    idle = "bare_read_idle_s" in pd
 
     def ratios(stage: str) -> str:
-        hot = f"{pd[f'{stage}_over_bare']:.1f}, median {pd[f'{stage}_p50_over_bare']:.1f}"
-        if not idle:
-            return f"ratio to bare {hot}"
-        return (f"ratio to bare after the same idle {pd[f'{stage}_over_bare_idle']:.1f}, "
-                f"median {pd[f'{stage}_p50_over_bare_idle']:.1f}; to bare back to back {hot}")
-    lines.append(f"one bare NIXL read + notification of the mean request's "
-                 f"{pd['transfer_bytes_mean'] / 2**20:.3f} MiB: {pd['bare_read_s'] * 1e3:.3f} ms "
-                 f"back to back" + (f", {pd['bare_read_idle_s'] * 1e3:.3f} ms each after "
-                                   f"{pd['idle_gap_s'] * 1e3:.0f} ms idle (the run's mean gap "
-                                   f"between requests)" if idle else "")
-                 + f" (recomputed: {pd['recomputed']})")
+        return "; ".join(f"over {name} {pd[f'{stage}_over_bare{suffix}']:.1f} (median "
+                         f"{pd[f'{stage}_p50_over_bare{suffix}']:.1f})"
+                         for suffix, name in FLOORS.items() if f"{stage}_over_bare{suffix}" in pd)
+    if pd.get("probes"):
+        lines.append(f"the floor in place (in one pull of every {PROBE_EVERY}, the decode "
+                     f"ranks first time one bare NIXL read of the pull's bytes + its "
+                     f"notification, where the pull starts; the slowest rank): mean "
+                     f"{pd['probe_s_mean'] * 1e3:.3f} ms, median {pd['probe_s_p50'] * 1e3:.3f} ms over {pd['probes']} probes of "
+                     f"{pd['probe_bytes_mean'] / 2**20:.3f} MiB")
+    idle = "bare_read_idle_s" in pd
+    lines.append(f"one bare NIXL read + notification on the bench's own agents of the mean "
+                 f"request's {pd['transfer_bytes_mean'] / 2**20:.3f} MiB: "
+                 f"{pd['bare_read_s'] * 1e3:.3f} ms back to back"
+                 + (f", {pd['bare_read_idle_s'] * 1e3:.3f} ms each after "
+                    f"{pd['idle_gap_s'] * 1e3:.0f} ms idle (the run's mean gap between "
+                    f"requests)" if idle else "") + f" (recomputed: {pd['recomputed']})")
     lines.append(f"transfer stage, end to end (decode server: request received -> state in "
-                 f"place): mean {pd['transfer_s_mean'] * 1e3:.2f} ms, median "
-                 f"{pd['transfer_s_p50'] * 1e3:.2f} ms; {ratios('transfer')}; of the mean, "
-                 f"waiting (engine loop, transfer thread) "
+                 f"place; the plain requests): mean {pd['transfer_s_mean'] * 1e3:.2f} ms, "
+                 f"median {pd['transfer_s_p50'] * 1e3:.2f} ms; {ratios('transfer')}; of the "
+                 f"mean, waiting (engine loop, transfer thread) "
                  f"{pd['transfer_queued_s_mean'] * 1e3:.2f} ms")
     lines.append(f"decode ranks' own pull (slowest rank: plan, metadata, reads, ReadDone): "
                  f"mean {pd['pull_s_mean'] * 1e3:.2f} ms, median {pd['pull_s_p50'] * 1e3:.2f} "

@@ -55,6 +55,13 @@ def add_arguments(parser) -> None:
                              "this process may use, off the OS places every thread, or a list "
                              "like 0-3,8 (one rank woken by another otherwise tends to run on "
                              "the waker's CPU, one after the other)")
+    parser.add_argument("--floor-probe", type=int, default=0, metavar="K",
+                        help="decode: every K-th pull first times, on each rank, one bare "
+                             "NIXL read of the last pull's bytes plus its notification, into "
+                             "/metrics (pdbridge_probe_seconds; the probed requests' stages "
+                             "kept apart): the floor `pdbridge bench serve` divides the "
+                             "transfer stage by, on the same agents and cores at the same "
+                             "moment (default 0: never)")
     parser.add_argument("--log-level", default="warning",
                         choices=("critical", "error", "warning", "info", "debug"),
                         help="uvicorn's log level (default warning)")
@@ -72,6 +79,8 @@ def check(args) -> str:
         return "--lease-s and --pull-timeout-s must be > 0"
     if args.pull_batch < 1:
         return f"--pull-batch must be >= 1, got {args.pull_batch}"
+    if args.floor_probe < 0:
+        return f"--floor-probe must be >= 0 (0: off), got {args.floor_probe}"
     if args.model is not None and not os.path.isfile(os.path.join(args.model, "config.json")):
         return f"--model {args.model!r}: no config.json there (want an HF model directory)"
     if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
@@ -113,7 +122,8 @@ def run(args) -> int:
                         strategy=args.strategy, on_failure=OnFailure(args.on_failure),
                         lease_s=args.lease_s, pull_timeout_s=args.pull_timeout_s,
                         checksums=args.checksums, pull_batch=args.pull_batch,
-                        side_channel_host=args.side_channel_host or args.host, cpus=cpus)
+                        side_channel_host=args.side_channel_host or args.host, cpus=cpus,
+                        probe_every=args.floor_probe)
     placed = "ranks on CPUs " + " | ".join(format_cpu_list(rank_cpus(cpus, args.tp, r))
                                            for r in range(args.tp)) if cpus else \
         "ranks on any CPU: --cpu-affinity off"

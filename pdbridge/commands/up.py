@@ -43,6 +43,9 @@ def add_arguments(parser) -> None:
                              "the fastest transfers, but under load on a machine with fewer "
                              "CPUs than ranks slower than off, see the README); off: the OS "
                              "places every thread (`pdbridge serve --cpu-affinity`)")
+    parser.add_argument("--floor-probe", type=int, default=0, metavar="K",
+                        help="decode servers: every K-th pull first times a bare NIXL read "
+                             "(`pdbridge serve --floor-probe`; default 0: never)")
     parser.add_argument("--log-level", default="warning",
                         choices=("critical", "error", "warning", "info", "debug"))
 
@@ -63,6 +66,8 @@ def check(args) -> tuple[str, list[int]]:
         return f"--num-blocks must be >= 2, got {args.num_blocks}", []
     if args.pull_batch < 1:
         return f"--pull-batch must be >= 1, got {args.pull_batch}", []
+    if args.floor_probe < 0:
+        return f"--floor-probe must be >= 0 (0: off), got {args.floor_probe}", []
     if args.model is not None and not os.path.isfile(os.path.join(args.model, "config.json")):
         return f"--model {args.model!r}: no config.json there (want an HF model directory)", []
     return "", dtps
@@ -146,7 +151,8 @@ def run(args) -> int:
         servers.append((f"decode{i}", ["--role", "decode", "--tp", str(tp), "--port", str(port),
                                        "--strategy", args.strategy,
                                        "--pull-batch", str(args.pull_batch),
-                                       "--on-failure", args.on_failure], port))
+                                       "--on-failure", args.on_failure,
+                                       "--floor-probe", str(args.floor_probe)], port))
     if args.cpu_affinity == "off":
         parts = ["off"] * len(servers)
     else:

@@ -21,7 +21,9 @@ from pdbridge.plan import PlanCache, RequestBlocks, SCRATCH, Strategy, TransferP
 from pdbridge.spec import EngineLayout
 from pdbridge.transport.copies import check_staging, finish_plan, start_plan
 from pdbridge.transport.handshake import PeerDirectory, peer_name
-from pdbridge.transport.messages import ProtocolError, PushDone, ReadDone, decode, encode
+from pdbridge.transport.messages import (FloorProbe, ProtocolError, PushDone, ReadDone, decode,
+                                         encode)
+from pdbridge.transport.transport import ReadList
 
 from . import checksums
 from .lease_keeper import LeaseKeeper
@@ -109,8 +111,11 @@ class DecodeRank(RankBase):
     def _begin(self, call: Pull, post: bool = True) -> "_Pending | PullResult":
         """Plan, fetch the source ranks' metadata, and (post) submit the reads; a finished
         (failed, or needs_prepare) PullResult when it cannot go on."""
+        probe = self._probe(call) if call.probe_nbytes > 0 else None
         pending = _Pending(call, time.perf_counter())
         phases = pending.phases
+        if probe is not None:
+            phases.probe_s, phases.probe_nbytes = probe
         plan: TransferPlan | None = None
         try:
             prefill = self._layout(call.prefill_layout)
@@ -135,6 +140,41 @@ class DecodeRank(RankBase):
             if pending.plan is None:
                 pending.plan = plan         # planned, then failed: the result names it
         return self._post(pending) if post else pending
+
+    def _probe(self, call: Pull) -> tuple[float, int]:
+        """One bare NIXL read, timed: call.probe_nbytes (at most this rank's scratch and the
+        source's first region) as one descriptor from prefill rank (this rank mod the
+        prefill TP), region 0, into this rank's scratch, then its notification (FloorProbe;
+        the prefill node frees nothing for it). It runs where the pull would start, on this
+        rank's agent and core, so it is the floor of the same moment: after the same wakeup,
+        idle and host state, none of which a read elsewhere shares. Scratch is free here: a
+        plan that uses it is read and finished before the next request's begins
+        (pull_batch). (seconds, bytes); (0.0, 0) when it cannot run: a probe never fails a
+        pull."""
+        try:
+            source = self.rank % len(call.endpoints)
+            region0 = self._layout(call.prefill_layout).rank(source).regions[0].nbytes
+            scratch = 0 if self.scratch is None else len(self.scratch)
+            nbytes = min(call.probe_nbytes, region0, scratch)
+            if nbytes <= 0:
+                return 0.0, 0
+            self.directory.get_ranks(call.prefill_engine_id, [source], lambda r: call.endpoints[r])
+            peer = peer_name(call.prefill_engine_id, source)
+            one = lambda v, dt: np.asarray([v], dt)     # noqa: E731
+            reads = ReadList(one(0, np.int32), one(0, np.int64), one(SCRATCH, np.int32),
+                             one(0, np.int64), one(nbytes, np.int64))
+            msg = encode(FloorProbe(self.engine_id, self.rank))
+            with self._agent_lock:
+                t0 = time.perf_counter()
+                handle = self.transport.read(peer, reads)
+                try:
+                    self.transport.wait(handle, call.timeout_s)
+                finally:
+                    self.transport.release(handle)
+                self.transport.notify(peer, msg)
+                return time.perf_counter() - t0, nbytes
+        except Exception:
+            return 0.0, 0
 
     def _post(self, pending: "_Pending") -> "_Pending":
         """Submit the request's reads (start_plan), its lease renewed meanwhile."""

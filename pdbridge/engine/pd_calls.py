@@ -159,6 +159,10 @@ class Pull(RankRequest):
     # Checksums on: prefill rank -> decode rank -> digest (DigestReads), compared after the
     # reads; None: off, nothing is digested.
     checksums: dict[int, dict[int, int]] | None = None
+    # > 0: before its pull, the rank times one bare NIXL read of this many bytes (one
+    # descriptor) and its notification (DecodeRank._probe): the transfer floor measured in
+    # place, on the same agents and cores at the same moment (`serve --floor-probe`).
+    probe_nbytes: int = 0
 
 
 class PullBatch(RankRequest):
@@ -176,6 +180,8 @@ class PullPhases(msgspec.Struct):
     verify_s: float = 0.0                   # checksums
     notify_s: float = 0.0                   # 0: ReadDone goes out after the reply
     plan_cached: bool = False
+    probe_s: float = 0.0                    # Pull.probe_nbytes: the bare read + notification,
+    probe_nbytes: int = 0                   # before the pull (not in its seconds); 0: none
 
 
 class PullResult(msgspec.Struct):

@@ -109,6 +109,16 @@ class PullOutcome:
         return self.slowest.seconds if self.results else 0.0
 
     @property
+    def probe(self) -> tuple[float, int]:
+        """The floor this request's pull measured in place (Pull.probe_nbytes): the slowest
+        rank's bare read + notification, and its bytes; (0.0, 0) unless every rank probed."""
+        probes = [(r.phases.probe_s, r.phases.probe_nbytes) for r in self.results
+                  if r.phases is not None]
+        if not probes or len(probes) < len(self.results) or not all(s > 0 for s, _ in probes):
+            return 0.0, 0
+        return max(probes)
+
+    @property
     def errors(self) -> list[str]:
         return [f"decode rank {r.rank}: {r.detail}" for r in self.results if not r.ok]
 
@@ -142,7 +152,9 @@ class DecodeNode:
                  staging_nbytes: int | None = None, timeout_s: float = 60.0,
                  pull_timeout_s: float = 30.0, transfer_mode: TransferMode | str = "pull",
                  key: SideChannelKey | None = None, checksums: bool = False,
-                 cpus: tuple[int, ...] | None = None):
+                 cpus: tuple[int, ...] | None = None, probe_every: int = 0):
+        if probe_every < 0:
+            raise ValueError(f"probe_every={probe_every}; allowed: 0 (off) or a count >= 1")
         self.engine_id = engine_id or f"decode{next(_ENGINE_IDS)}"
         self.key = key or load_key()        # the side channel's secret (side_channel_key.py)
         self.transfer_mode = parse_transfer_mode(transfer_mode)
@@ -154,6 +166,11 @@ class DecodeNode:
         # a mismatch fails the transfer like any other failure (on_failure).
         self.checksums = checksums
         self.pull_timeout_s = pull_timeout_s       # handshake and reads of one pull
+        # Every probe_every-th pull first times a bare read (Pull.probe_nbytes) of as many
+        # bytes as the last pull's slowest rank moved: the floor `pdbridge bench serve`
+        # divides the transfer stage by, measured in place. 0: never.
+        self.probe_every = probe_every
+        self._pulls, self._last_rank_nbytes = 0, 0
         self.engine = Engine(model_dir, tp_size, cache_config, timeout_s=timeout_s, cpus=cpus)
         self.layout: EngineLayout = self.engine.layout
         self.layout_dict = self.layout.to_dict()
@@ -282,7 +299,17 @@ class DecodeNode:
         answers = self._pull_all([r.pull for _, r in firsts])
         for (i, first), results in zip(firsts, answers):
             out[i] = self._then_prepared(first, results)
+            self._last_rank_nbytes = max([r.nbytes for r in out[i] if r.ok],
+                                         default=self._last_rank_nbytes)
         return out
+
+    def _probe_nbytes(self) -> int:
+        """This pull's Pull.probe_nbytes (probe_every): the bytes of the last pull's slowest
+        rank, so over a run the probes read the same bytes as the pulls; 0: no probe."""
+        if not self.probe_every or not self._last_rank_nbytes:
+            return 0
+        self._pulls += 1
+        return self._last_rank_nbytes if self._pulls % self.probe_every == 0 else 0
 
     def _first_pull(self, job: "PullJob") -> "_FirstPull | tuple[PullResult, ...]":
         """The job's first Pull, or every rank's failed result when it cannot be asked."""
@@ -306,7 +333,7 @@ class DecodeNode:
             params.request_id, params.engine_id, prefill_layout, params.endpoints,
             params.prefill_blocks, (b.num_tokens, b.attn_blocks, b.state_block),
             self.strategy, bases, self.pull_timeout_s, job.renew_every_s, chosen,
-            (job.checksums or {}) if self.checksums else None))
+            (job.checksums or {}) if self.checksums else None, self._probe_nbytes()))
 
     def _pull_all(self, pulls: list[Pull], ranks: list[int] | None = None
                   ) -> list[dict[int, PullResult]]:
@@ -346,7 +373,7 @@ class DecodeNode:
             else:
                 first.chosen.update(waiting)
                 again = msgspec.structs.replace(first.pull, scratch_bases=bases,
-                                                strategies=first.chosen)
+                                                strategies=first.chosen, probe_nbytes=0)
                 results.update(self._pull_all([again], sorted(waiting))[0])
         return tuple(results[j] for j in range(self.tp_size))
 

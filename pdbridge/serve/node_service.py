@@ -62,6 +62,8 @@ class NodeConfig:
     pull_batch: int = 16                    # decode: most queued requests in one pull round trip
     side_channel_host: str = "127.0.0.1"    # prefill: where decode ranks reach its ranks
     cpus: tuple[int, ...] | None = None     # the CPUs the ranks split (cpu_affinity); None: any
+    probe_every: int = 0                    # decode: every k-th pull first times a bare read
+                                            # (DecodeNode.probe_every, bench serve); 0: never
 
 
 class NodeService:
@@ -88,7 +90,8 @@ class NodeService:
                                    transport=config.transport, strategy=config.strategy,
                                    on_failure=config.on_failure, timeout_s=config.timeout_s,
                                    pull_timeout_s=config.pull_timeout_s,
-                                   checksums=config.checksums, cpus=config.cpus)
+                                   checksums=config.checksums, cpus=config.cpus,
+                                   probe_every=config.probe_every)
             engine = self.node.engine
         else:
             self.node = engine = Engine(self.model_dir, config.tp_size, config.cache,
@@ -329,11 +332,13 @@ class NodeService:
             self.engine.discard(outcome.request_id)
             return
         stream.request_id = outcome.request_id
+        probe_s, probe_nbytes = outcome.probe
         stream.first(wire.TransferStats(
             outcome.nbytes, outcome.descriptors, seconds, outcome.recomputed,
             tuple(sorted({r.strategy for r in outcome.results if r.strategy})),
             tuple(outcome.errors), queued_s=waited_s, pull_s=outcome.rank_pull_s,
-            pull_parts=_pull_parts(outcome.slowest)))
+            pull_parts=_pull_parts(outcome.slowest),
+            probe=wire.Probe(probe_s, probe_nbytes) if probe_s > 0 else None))
         self.loop.watch(outcome.request_id, self._sink(stream))
 
     def _post(self, base: str, path: str, body, kind):

@@ -252,12 +252,7 @@ class Front:
         try:
             async for ev in events:
                 if ev.transfer is not None:
-                    m.transfer_bytes.inc(ev.transfer.nbytes)
-                    m.transfer_seconds.observe(ev.transfer.seconds)
-                    m.transfer_queued_seconds.observe(ev.transfer.queued_s)
-                    m.pull_seconds.observe(ev.transfer.pull_s)
-                    if ev.transfer.pull_parts is not None:
-                        m.observe_pull_parts(ev.transfer.pull_parts)
+                    m.observe_transfer(ev.transfer)
                     if ev.transfer.recomputed:
                         m.recomputed.inc()
                         m.failures.labels("transfer_recomputed").inc()

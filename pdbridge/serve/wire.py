@@ -130,6 +130,13 @@ class PullParts(_Wire):
 PULL_PARTS = tuple(f[:-2] for f in PullParts.__struct_fields__)     # plan, peers, ...
 
 
+class Probe(_Wire):
+    """The transfer floor of one probed request (`serve --floor-probe`), measured in place:
+    the slowest decode rank's bare NIXL read + notification, before its pull."""
+    seconds: float
+    nbytes: int                 # that rank's bytes (the last pull's: DecodeNode.probe_every)
+
+
 class TransferStats(_Wire):
     """One request's transfer stage as the decode server saw it, end to end and in parts."""
     nbytes: int
@@ -143,6 +150,7 @@ class TransferStats(_Wire):
                                 # thread (steps, backlog, earlier transfers)
     pull_s: float = 0.0         # the slowest decode rank's own pull: plan, read, notify
     pull_parts: PullParts | None = None     # of pull_s, in parts (pull mode)
+    probe: Probe | None = None  # probed (the floor measured before its pull, in `seconds`)
 
 
 class TokenEvent(_Wire):

@@ -92,12 +92,20 @@ class PushDone(_Message, tag="push_done"):
     digest: int | None = None   # checksums on: xxh3_64 of the bytes written (engine/checksums.py)
 
 
+class FloorProbe(_Message, tag="floor_probe"):
+    """The notification of a decode rank's bare read (Pull.probe_nbytes: the floor `pdbridge
+    bench serve` divides the transfer stage by). It names no request and frees nothing."""
+    decode_engine_id: str
+    decode_rank: int
+
+
 class Ack(_Message, tag="ack"):
     """Reply to a notification sent over a request/reply socket."""
     request_id: str = ""
 
 
-Message = Union[MetadataRequest, MetadataReply, ErrorReply, ReadDone, LeaseRenew, PushDone, Ack]
+Message = Union[MetadataRequest, MetadataReply, ErrorReply, ReadDone, LeaseRenew, PushDone,
+                FloorProbe, Ack]
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

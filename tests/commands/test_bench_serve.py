@@ -53,13 +53,17 @@ def test_bare_read_moves_the_bytes_and_takes_time():
     assert bare_read_s(1 << 16, reps=3, idle_s=0.01) > 0
 
 
-def test_the_idle_gap_is_the_runs_mean_gap_and_both_ratios_are_printed():
+def test_the_floor_in_place_heads_the_ratios_and_the_bench_floors_follow():
     from pdbridge.commands.bench_serve import format_table, measure_bare
     cfg = ServeBenchConfig(requests=10, clients=1)
     pd = {"transfer_bytes_mean": 4096.0, "wall_s": 0.2, "transfer_s_mean": 0.003,
-          "transfer_s_p50": 0.002, "pull_s_mean": 0.002, "pull_s_p50": 0.001}
+          "transfer_s_p50": 0.002, "pull_s_mean": 0.002, "pull_s_p50": 0.001,
+          "probes": 5, "probe_s_mean": 0.0005, "probe_s_p50": 0.0004, "probe_bytes_mean": 2048.0}
     measure_bare(pd, cfg)
     assert pd["idle_gap_s"] == pytest.approx(0.02)
+    # In place: mean over mean, median over median.
+    assert pd["transfer_over_bare_probe"] == pytest.approx(6.0)
+    assert pd["pull_p50_over_bare_probe"] == pytest.approx(2.5)
     assert pd["transfer_over_bare_idle"] == pytest.approx(0.003 / pd["bare_read_idle_s"])
     assert pd["pull_p50_over_bare"] == pytest.approx(0.001 / pd["bare_read_s"])
     mono = {"ttft_p50_s": 0.01, "ttft_p99_s": 0.02, "tokens_per_s": 1.0, "wall_s": 1.0,
@@ -67,8 +71,14 @@ def test_the_idle_gap_is_the_runs_mean_gap_and_both_ratios_are_printed():
     pd.update(mono, recomputed=0, transfer_queued_s_mean=0.0)
     text = format_table({"config": cfg.__dict__, "pd": pd, "both": mono,
                          "prompt_tokens": [8, 9]})
-    assert "after the same idle" in text and "back to back" in text
-    assert f"{pd['transfer_over_bare_idle']:.1f}" in text
+    stage = next(line for line in text.splitlines() if line.startswith("transfer stage"))
+    assert stage.index("over the floor in place 6.0 (median 5.0)") \
+        < stage.index("after the same idle") < stage.index("back to back")
+    assert "over 5 probes" in text
+    plain = {k: v for k, v in pd.items() if "probe" not in k}   # a run without probes
+    measure_bare(plain, cfg)
+    assert "floor in place" not in format_table({"config": cfg.__dict__, "pd": plain,
+                                                 "both": mono, "prompt_tokens": [8, 9]})
 
 
 @pytest.mark.slow
@@ -79,6 +89,7 @@ def test_bench_serve_runs_both_deployments(capsys, tmp_path):
     res = json.loads(capsys.readouterr().out)
     assert res["pd"]["requests"] == res["both"]["requests"] == 8
     assert res["pd"]["recomputed"] == 0 and res["pd"]["transfer_over_bare"] > 0
+    assert res["pd"]["probes"] > 0 and res["pd"]["transfer_over_bare_probe"] > 0
     # The decode ranks' pull is a part of the end-to-end stage, and so is the queueing.
     assert 0 < res["pd"]["pull_s_mean"] <= res["pd"]["transfer_s_mean"]
     assert 0 <= res["pd"]["transfer_queued_s_mean"] <= res["pd"]["transfer_s_mean"]

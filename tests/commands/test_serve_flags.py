@@ -21,6 +21,14 @@ def test_pull_batch_is_at_least_one(batch, error, monkeypatch):
     assert up.check(_args(up, ["--pull-batch", str(batch)]))[0] == error
 
 
+@pytest.mark.parametrize("k,error", [(-1, "--floor-probe must be >= 0 (0: off), got -1"),
+                                     (0, ""), (2, "")])
+def test_floor_probe_is_a_count_or_off(k, error, monkeypatch):
+    monkeypatch.setenv("PDBRIDGE_SECRET", "x")
+    assert serve.check(_args(serve, ["--role", "decode", "--floor-probe", str(k)])) == error
+    assert up.check(_args(up, ["--floor-probe", str(k)]))[0] == error
+
+
 @pytest.mark.parametrize("value,error", [
     ("auto", ""), ("off", ""), ("0", ""),
     ("99999", "--cpu-affinity '99999': CPU 99999 is not available to this process; allowed: "

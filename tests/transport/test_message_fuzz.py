@@ -13,15 +13,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pdbridge.transport.handshake import MetadataServer
-from pdbridge.transport.messages import (Ack, ErrorReply, LeaseRenew, MetadataReply,
-                                         MetadataRequest, ProtocolError, ReadDone, decode,
-                                         encode)
+from pdbridge.transport.messages import (Ack, ErrorReply, FloorProbe, LeaseRenew,
+                                         MetadataReply, MetadataRequest, ProtocolError, PushDone,
+                                         ReadDone, decode, encode)
 from test_handshake import assert_alive, rank_meta
 
 VALID = [encode(m) for m in (MetadataRequest("d0", 0, "p0"), ReadDone("p0:1", "d0", 1),
                              ReadDone("p0:2", "d0", 0, ok=False, detail="x"),
-                             LeaseRenew("p0:1", "d0", 3), Ack("p0:1"), ErrorReply("f", "d"))]
-KNOWN = (MetadataRequest, MetadataReply, ReadDone, LeaseRenew, Ack, ErrorReply)
+                             LeaseRenew("p0:1", "d0", 3), Ack("p0:1"), ErrorReply("f", "d"),
+                             FloorProbe("d0", 1))]
+KNOWN = (MetadataRequest, MetadataReply, ReadDone, LeaseRenew, PushDone, FloorProbe, Ack,
+         ErrorReply)
 
 
 def _profile(n: int):
