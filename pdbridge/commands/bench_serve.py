@@ -369,7 +369,8 @@ def format_table(res: dict) -> str:
         lines.append(f"the floor in place (in one pull of every {PROBE_EVERY}, the decode "
                      f"ranks first time one bare NIXL read of the pull's bytes + its "
                      f"notification, where the pull starts; the slowest rank): mean "
-                     f"{pd['probe_s_mean'] * 1e3:.3f} ms, median {pd['probe_s_p50'] * 1e3:.3f} ms over {pd['probes']} probes of "
+                     f"{pd['probe_s_mean'] * 1e3:.3f} ms, median "
+                     f"{pd['probe_s_p50'] * 1e3:.3f} ms over {pd['probes']} probes of "
                      f"{pd['probe_bytes_mean'] / 2**20:.3f} MiB")
     idle = "bare_read_idle_s" in pd
     lines.append(f"one bare NIXL read + notification on the bench's own agents of the mean "
