@@ -41,7 +41,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_serve_arguments(sub) -> None:
     p = sub.add_parser("serve", help="concurrent HTTP clients: pdbridge up against one "
-                       "serve --role both; TTFT, throughput, transfer stage / bare read")
+                       "serve --role both; TTFT, throughput, transfer stage / bare read",
+                       description="Streams the same mixed-length requests through `pdbridge "
+                       "up` (P/D) and one `pdbridge serve --role both`, each alone on the "
+                       "machine, and prints TTFT p50/p99, output tokens/s and peak memory of "
+                       "each, and the P/D transfer stage (and the decode ranks' own pull) "
+                       "divided by one bare NIXL read + notification of the same bytes: in "
+                       "place (every 2nd request's decode ranks time one first, where the "
+                       "pull starts: `serve --floor-probe 2`; those requests are kept out "
+                       "of the stage figures), and on agents of the bench's own, back to back "
+                       "and after the run's mean gap between requests. Use --clients 1 for "
+                       "the small-request ratio.")
     p.add_argument("--model", default=None, help="HF model directory (default: the embedded "
                    "tiny model)")
     p.add_argument("--prefill-tp", type=int, default=1)
