@@ -30,7 +30,8 @@ class Step(WorkerCall):
 
 
 class Describe(WorkerCall):
-    """Each rank's layout digest and region sizes: a start-up barrier and a consistency check."""
+    """Each rank's layout digest and region sizes: a start-up barrier and a consistency check
+    (and the torch threads it computes with)."""
     handler: ClassVar[str] = "describe"
     collect: ClassVar[bool] = True
 
@@ -39,6 +40,7 @@ class RankInfo(msgspec.Struct):
     rank: int
     layout_digest: str
     region_nbytes: list[int]
+    torch_threads: int = 0      # torch's intra-op threads in the rank's process
 
 
 class Shutdown(WorkerCall):

@@ -110,7 +110,7 @@ class Worker:
 
     def describe(self, call: Describe) -> RankInfo:
         return RankInfo(self.rank, self.layout.digest,
-                        [b.numel() for b in self.caches.region_buffers])
+                        [b.numel() for b in self.caches.region_buffers], torch.get_num_threads())
 
     def shutdown(self, call: Shutdown) -> None:
         if self.pd is not None:

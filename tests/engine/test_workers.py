@@ -179,3 +179,17 @@ def test_a_rank_watches_the_engine_process_not_its_parent():
         for p in (engine, rank):
             if p.poll() is None:
                 p.kill()
+
+
+@pytest.mark.parametrize("threads", [2, 1])
+def test_every_rank_computes_with_worker_threads(threads):
+    """Rank 0 (this process) uses worker_threads like ranks 1..t-1: left to torch it took one
+    thread per CPU it may use, and a prefill server's rank 0 then competed with every other
+    process of the deployment for all of them."""
+    try:
+        with Engine(None, 2, CFG, loader=load_fake_fragile, dtype="crash",
+                    worker_threads=threads) as e:
+            assert [(i.rank, i.torch_threads) for i in e.call(Describe())] == \
+                [(0, threads), (1, threads)]
+    finally:
+        torch.set_num_threads(1)
