@@ -21,7 +21,9 @@ differ, plan_transfer plans. plan_transfer stays the reference; tests compare th
 
 Everything of that assembly but the block ids is kept (_Moves): the runs of w whole blocks
 and of a last block's t tokens, at block id 0, with how far each run moves per block id on each
-side; a request's runs are those moved by its ids, two multiply-adds a side (issue 10).
+side; a request's runs are those moved by its ids, two multiply-adds a side (issue 10). A
+`direct` plan (what `auto` mostly chooses) is made from them in one pass over one matrix
+(_BlockRuns.direct_plan; plan_from_direct over direct() is its reference).
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ from pdbridge.spec.layout import ZONE_ALIGN
 from .direct_reads import DirectReads, GroupInfo, direct_reads, minimal_nbytes
 from .planner import parse_strategy, plan_from_direct, plan_transfer
 from .run_list import RunList
-from .transfer_plan import RequestBlocks, Strategy, TransferPlan
+from .transfer_plan import ReadGroup, RequestBlocks, Strategy, TransferPlan
 from .validation import check_geometry, check_request, used_attn_blocks
 
 Key = tuple[str, str, int, RequestBlocks, RequestBlocks, Strategy]
@@ -71,7 +73,6 @@ class PlanCache:
                                  strategy)
         else:
             check_request(prefill, decode, decode_rank, prefill_blocks, decode_blocks)
-            direct = runs.direct(prefill_blocks, decode_blocks)
             chosen = strategy
             if strategy is Strategy.AUTO and runs.kinds_apart:
                 # Strategies differ only in the state runs, and no state run can merge with
@@ -83,12 +84,17 @@ class PlanCache:
                           decode_blocks.state_block % runs.state_period[1])
                 chosen = runs.state_choice.get(blocks)
                 if chosen is None:
-                    alone = dataclasses.replace(direct, paged=RunList.empty())
+                    alone = dataclasses.replace(runs.direct(prefill_blocks, decode_blocks),
+                                                paged=RunList.empty())
                     chosen = runs.state_choice[blocks] = plan_from_direct(
                         alone, prefill, prefill_blocks, decode_rank, Strategy.AUTO).strategy
                     if len(runs.state_choice) > 4096:
                         runs.state_choice.clear()
-            plan = plan_from_direct(direct, prefill, prefill_blocks, decode_rank, chosen)
+            if chosen is Strategy.DIRECT:
+                plan = runs.direct_plan(prefill_blocks, decode_blocks)
+            else:
+                plan = plan_from_direct(runs.direct(prefill_blocks, decode_blocks), prefill,
+                                        prefill_blocks, decode_rank, chosen)
         self._put(key, plan)
         if strategy is Strategy.AUTO:
             self._put(key[:-1] + (plan.strategy,), plan)
@@ -142,7 +148,7 @@ class _BlockRuns:
         self._steps = steps
         # Kept runs (_Moves): of w whole blocks, of a last block's t tokens, of the state
         # (which moves by whole state blocks); and per group, bytes per block, token, state.
-        self._state_moves = self._moves_of(self.state, None, (1, 1))
+        self._state_moves = self._moves_of(self.state, None, (1, 1), slot=-1)
         self._whole: dict[int, _Moves] = {}
         self._tails: dict[int, _Moves] = {}
         self._group_info: dict[int, tuple] = {}        # num_tokens -> (groups, minimal)
@@ -150,6 +156,10 @@ class _BlockRuns:
             np.bincount(r.group, weights=r.nbytes, minlength=len(self.groups)).astype(np.int64)
             for r in (self.full, self.token, self.state))
         self.state_choice: dict[tuple[int, int], Strategy] = {}    # `auto` by state blocks
+        # The decode shard's bytes are affine in the token count (paged tensors: bytes per
+        # token; state: whole pages): minimal_nbytes(n) = _minimal[0] + n * _minimal[1].
+        m0 = minimal_nbytes(decode, decode_rank, 0)
+        self._minimal = (m0, minimal_nbytes(decode, decode_rank, 1) - m0)
         # Per side, the state blocks after which the zone origins (RankLayout.zone_origins:
         # each page's tensor slabs, rounded down to ZONE_ALIGN) repeat, moved by whole pages.
         self.state_period = tuple(
@@ -197,6 +207,64 @@ class _BlockRuns:
                 + (self._token_g * tail if len(ids[0]) and whole < nb else 0), n)
         return DirectReads(paged, state, *groups)
 
+    def direct_plan(self, prefill_blocks: RequestBlocks, decode_blocks: RequestBlocks
+                    ) -> TransferPlan:
+        """plan_from_direct(direct(...), ..., DIRECT), its reference (tests compare the two),
+        in one pass over one matrix: the kept runs' packed rows (_Moves.packed) of the
+        request's whole blocks, last block and state side by side, each run's offsets moved
+        by its own block id on each side (its slot in `ids`: a whole block's index, -2 the
+        last block, -1 the state block), then sorted and merged as RunList.coalesced does.
+        The same arithmetic as direct() + coalesced() in a third of their numpy calls; a
+        rank woken for a pull runs on a cold core, which pays per call, not per element
+        (paired runs of `pdbridge up`, P TP=1 -> D TP=2: a rank's plan 0.63 -> 0.53 and
+        0.70 -> 0.57 ms)."""
+        n, bt = prefill_blocks.num_tokens, self.block_tokens
+        nb = -(-n // bt)
+        tail = n - (nb - 1) * bt
+        whole = nb if tail == bt else nb - 1
+        parts = []
+        attn = len(used_attn_blocks(self.prefill, prefill_blocks)) > 0
+        if attn:
+            if whole and len(self.full):
+                parts.append(self._kept(self._whole, whole, self._whole_moves).packed)
+            if whole < nb and len(self.token):
+                parts.append(self._kept(self._tails, tail, self._tail_moves).packed)
+        if len(self.state):
+            parts.append(self._state_moves.packed)
+        counts = np.zeros(len(self.groups), np.int64)
+        if parts:
+            m = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0].copy()
+            ids = np.array(((*prefill_blocks.attn_blocks[:nb], prefill_blocks.state_block),
+                            (*decode_blocks.attn_blocks[:nb], decode_blocks.state_block)),
+                           np.int64)
+            m[_OFFSETS] += np.take(ids, m[_SLOT], axis=1) * m[_STEPS]
+            if m.shape[1] > 1:
+                m = m[:, np.lexsort(m[_SORT_KEYS])]
+                joins = ((m[_SAME, 1:] == m[_SAME, :-1]).all(axis=0)
+                         & (m[_OFFSETS, 1:] == m[_OFFSETS, :-1] + m[_NBYTES, :-1]).all(axis=0))
+                if joins.any():
+                    heads = np.flatnonzero(np.concatenate(([True], ~joins)))
+                    nbytes = np.add.reduceat(m[_NBYTES], heads)
+                    m = m[:, heads]
+                    m[_NBYTES] = nbytes
+            counts = np.bincount(m[_GROUP], minlength=len(self.groups))
+        else:
+            m = np.zeros((_ROWS, 0), np.int64)
+        group_nbytes = self._state_g.copy()
+        if attn:
+            group_nbytes += whole * self._full_g
+            if whole < nb:
+                group_nbytes += tail * self._token_g
+        groups = tuple(ReadGroup(g.layer, g.tensor, g.segment, g.prefill_rank, g.global_range,
+                                 b, c) for g, b, c in zip(self.groups, group_nbytes.tolist(),
+                                                          counts.tolist()))
+        i32 = m[_SAME].astype(np.int32)
+        return TransferPlan(decode_rank=self.rank, strategy=Strategy.DIRECT,
+                            src_rank=i32[_SRC_RANK], src_region=i32[_SRC_REGION],
+                            src_offset=m[_SRC_OFFSET], dst_region=i32[_DST_REGION],
+                            dst_offset=m[_DST_OFFSET], nbytes=m[_NBYTES],
+                            groups=groups, minimal_nbytes=self._minimal[0] + n * self._minimal[1])
+
     @staticmethod
     def _kept(store: dict, key: int, make) -> "_Moves":
         moves = store.get(key)
@@ -217,15 +285,22 @@ class _BlockRuns:
         return self._moves_of(self._moved(self.token, [t // kbt for _, _, _, kbt in self._steps],
                                           [t % kbt for _, _, _, kbt in self._steps], tail), None)
 
-    def _moves_of(self, runs: RunList, index: np.ndarray | None, per_block=None) -> "_Moves":
+    def _moves_of(self, runs: RunList, index: np.ndarray | None, per_block=None,
+                  slot: int = -2) -> "_Moves":
         """runs at block id 0 and each run's bytes per block id on each side: kernel blocks
-        per block x the block stride (state runs: the block stride, per state block)."""
+        per block x the block stride (state runs: the block stride, per state block); and
+        all of it as one matrix (packed) with each run's slot in direct_plan's block ids:
+        `index`, or `slot` for runs of one id (-2 a last block, -1 the state block)."""
         (sb, _, mp, _), (db, _, md, _) = self._steps
         mp, md = per_block or (mp, md)
         steps = [sb[runs.group] * mp, db[runs.group] * md]
-        for a in (*(getattr(runs, f.name) for f in dataclasses.fields(runs)), *steps):
+        slots = index if index is not None else np.full(len(runs), slot, np.int64)
+        packed = np.stack([runs.dst_region, runs.src_rank, runs.src_region, runs.src_offset,
+                           runs.dst_offset, runs.nbytes, runs.group, slots, *steps]
+                          ).astype(np.int64)
+        for a in (*(getattr(runs, f.name) for f in dataclasses.fields(runs)), *steps, packed):
             a.flags.writeable = False   # shared by every request's plan: never written
-        return _Moves(runs, index, steps[0], steps[1])
+        return _Moves(runs, index, steps[0], steps[1], packed)
 
     def _groups_of(self, nbytes: np.ndarray, n: int) -> tuple[tuple[GroupInfo, ...], int]:
         return (tuple(GroupInfo(g.layer, g.tensor, g.segment, g.prefill_rank, g.global_range,
@@ -277,6 +352,21 @@ class _BlockRuns:
                        tile(runs.nbytes), group)
 
 
+# The rows of _Moves.packed, ordered so that direct_plan takes each set it needs as one slice
+# (a view), not a gather: the fields runs merge only when equal, the two offsets, the sort keys
+# (lexsort's last key sorts first: src rank, region, offset, then dst offset, RunList.coalesced's
+# order), then the run's group, the slot of the block id that moves it (direct_plan's `ids`: a
+# whole block's index, -2 the last block, -1 the state block) and its bytes per block id on
+# each side.
+(_DST_REGION, _SRC_RANK, _SRC_REGION, _SRC_OFFSET, _DST_OFFSET, _NBYTES, _GROUP, _SLOT,
+ _SRC_STEP, _DST_STEP) = range(10)
+_ROWS = 10
+_SAME = slice(_DST_REGION, _SRC_REGION + 1)             # equal in runs that merge: int32
+_OFFSETS = slice(_SRC_OFFSET, _DST_OFFSET + 1)
+_SORT_KEYS = slice(_DST_OFFSET, _DST_REGION, -1)        # dst offset, src offset, region, rank
+_STEPS = slice(_SRC_STEP, _DST_STEP + 1)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Moves:
     """Runs kept at block id 0 (read-only arrays, shared by every request's plan), each
@@ -286,6 +376,7 @@ class _Moves:
     index: np.ndarray | None
     src_step: np.ndarray
     dst_step: np.ndarray
+    packed: np.ndarray      # rows _DST_REGION.._DST_STEP above, one column per run
 
     def apply(self, prefill_ids, decode_ids) -> RunList:
         """The runs moved to the request's block ids (arrays indexed by `index`), or to one

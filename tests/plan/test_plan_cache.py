@@ -169,3 +169,39 @@ def test_moved_runs_are_the_assembled_runs(preset, p_tp, d_tp, cfg):
     kept = runs._whole[1].runs if len(runs.full) else runs._state_moves.runs
     with pytest.raises(ValueError, match="read-only"):
         kept.src_offset[0] += 1
+
+
+@pytest.mark.parametrize("preset,p_tp,d_tp,cfg", [
+    ("nemotron-h-8b", 1, 2, {}),
+    ("nemotron-h-8b", 3, 2, {"kernel_block_tokens": 8, "block_tokens": 32}),
+    ("granite-4.0-h-small", 2, 4, {"conv_layout": "SD"}),
+    ("jamba-mini-1.5", 1, 2, {"attn_layout": "heads_across_blocks"}),
+    ("qwen3-next-80b-a3b", 1, 4, {"layer_interleave": True}),
+    ("lfm2-1.2b", 2, 1, {}),
+])
+def test_packed_direct_plans_are_the_assembled_direct_plans(preset, p_tp, d_tp, cfg):
+    """direct_plan() (one matrix, the path a pull takes for `direct`) against its reference,
+    plan_from_direct over direct()'s runs: the same plan for every token count (tails, whole
+    blocks, one token) and any block ids, contiguous ones (long merged runs) included; and it
+    never writes the kept runs."""
+    from pdbridge.plan.plan_cache import _BlockRuns
+    from pdbridge.plan.planner import plan_from_direct
+    from pdbridge.spec import CacheConfig, EngineLayout, get_preset
+    spec = get_preset(preset)
+    prefill = EngineLayout(spec, p_tp, CacheConfig(num_blocks=12, **cfg))
+    decode = EngineLayout(spec, d_tp, CacheConfig(num_blocks=9, **cfg))
+    rng = np.random.default_rng(p_tp * 5 + d_tp)
+    rank = d_tp - 1
+    runs = _BlockRuns(prefill, decode, rank)
+    bt = decode.block_tokens
+    for i, n in enumerate([*range(1, 2 * bt + 2), 4 * bt, 4 * bt - 1] * 2):
+        pb, db = _random_blocks(rng, prefill, n), _random_blocks(rng, decode, n)
+        if i % 3 == 0:          # contiguous ids on both sides: runs merge across blocks
+            nb = len(pb.attn_blocks)
+            pb = RequestBlocks(n, tuple(range(nb)), pb.state_block)
+            db = RequestBlocks(n, tuple(range(1, nb + 1)), db.state_block)
+        fast = runs.direct_plan(pb, db)
+        slow = plan_from_direct(runs.direct(pb, db), prefill, pb, rank, Strategy.DIRECT)
+        assert same_plan(fast, slow), (n, pb, db)
+        assert fast.src_rank.dtype == np.int32 and fast.src_offset.dtype == np.int64
+    assert not runs._state_moves.packed.flags.writeable
