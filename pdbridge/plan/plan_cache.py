@@ -222,8 +222,10 @@ class _BlockRuns:
         nb = -(-n // bt)
         tail = n - (nb - 1) * bt
         whole = nb if tail == bt else nb - 1
+        used = [used_attn_blocks(layout, blocks) for layout, blocks in
+                ((self.prefill, prefill_blocks), (self.decode, decode_blocks))]
+        attn = len(used[0]) > 0         # the model has attention: nb blocks on each side
         parts = []
-        attn = len(used_attn_blocks(self.prefill, prefill_blocks)) > 0
         if attn:
             if whole and len(self.full):
                 parts.append(self._kept(self._whole, whole, self._whole_moves).packed)
@@ -231,12 +233,10 @@ class _BlockRuns:
                 parts.append(self._kept(self._tails, tail, self._tail_moves).packed)
         if len(self.state):
             parts.append(self._state_moves.packed)
-        counts = np.zeros(len(self.groups), np.int64)
         if parts:
             m = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0].copy()
-            ids = np.array(((*prefill_blocks.attn_blocks[:nb], prefill_blocks.state_block),
-                            (*decode_blocks.attn_blocks[:nb], decode_blocks.state_block)),
-                           np.int64)
+            ids = np.array(((*used[0], prefill_blocks.state_block),
+                            (*used[1], decode_blocks.state_block)), np.int64)
             m[_OFFSETS] += np.take(ids, m[_SLOT], axis=1) * m[_STEPS]
             if m.shape[1] > 1:
                 m = m[:, np.lexsort(m[_SORT_KEYS])]
@@ -250,6 +250,7 @@ class _BlockRuns:
             counts = np.bincount(m[_GROUP], minlength=len(self.groups))
         else:
             m = np.zeros((_ROWS, 0), np.int64)
+            counts = np.zeros(len(self.groups), np.int64)
         group_nbytes = self._state_g.copy()
         if attn:
             group_nbytes += whole * self._full_g
