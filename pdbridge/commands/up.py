@@ -107,9 +107,14 @@ class Children:
         return f"the servers were not ready after {timeout_s:.0f} s"
 
     def stop(self, grace_s: float = 10.0) -> None:
+        """SIGTERM to each server alone: it stops its TP workers itself (Shutdown), so each
+        rank closes what it opened (its rank channel's directory, its NIXL agent). Signalled
+        with the server, as the group once was, a worker died at once and left its channel
+        directory behind. Past grace_s, or afterwards for anything left: SIGKILL to the
+        group, so nothing of a server outlives `pdbridge up`."""
         for _, p in self.procs:
             if p.poll() is None:
-                _signal_group(p, signal.SIGTERM)
+                p.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + grace_s
         for _, p in self.procs:
             try:
@@ -117,6 +122,7 @@ class Children:
             except subprocess.TimeoutExpired:
                 _signal_group(p, signal.SIGKILL)
                 p.wait()
+            _signal_group(p, signal.SIGKILL)    # a worker its server could not stop
 
 
 def _signal_group(p: subprocess.Popen, sig) -> None:

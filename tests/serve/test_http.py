@@ -33,7 +33,10 @@ PROMPTS = ["Hello, disaggregated world!", "Tensor parallel sizes need not divide
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     base = free_ports(4)
-    env = dict(os.environ, PDBRIDGE_CACHE=str(tmp_path_factory.mktemp("cache")))
+    # A temp directory of its own: what the ranks make there (their rank channels) must be
+    # gone once it stops.
+    tmp = tmp_path_factory.mktemp("tmp")
+    env = dict(os.environ, PDBRIDGE_CACHE=str(tmp_path_factory.mktemp("cache")), TMPDIR=str(tmp))
     up = Proc(["up", "--port", str(base), "--prefill-tp", "1", "--decode-tp", "2",
                "--num-blocks", "128"], env)
     try:
@@ -54,6 +57,8 @@ def stack(tmp_path_factory):
     for port in (base + 1, base + 2):
         out = os.popen(f"pgrep -f '[p]dbridge.cli serve .*--port {port}'").read()
         assert out.strip() == "", f"left behind: {out}"
+    # Every rank closed its channel (its server stopped its TP workers, not a signal).
+    assert sorted(p.name for p in tmp.glob("pdbridge-*")) == [], up.output
 
 
 @pytest.fixture(scope="module")
