@@ -1,12 +1,13 @@
 """DecodeRank: a decode TP rank's side of P/D disaggregation.
 
 It plans its own reads of a request against the prefill layout (pure planner, each request
-planned once: plan_cache.py), fetches the metadata of exactly the prefill ranks its plan reads
-from (once per engine), pulls, restores, and notifies every prefill rank it read from (after
-its reply to the node went out: the ReadDone frees prefill blocks, and nothing on the decode
-side waits for it). The node asks it over its rank channel (rank_channel.py), not through the
-TP group. In push mode it
-progresses its passive NIXL side and waits for the writers' PushDone (pd_push.PushInbox).
+planned once: plan_cache.py; a `direct` pull is no plan but index pairs into block rows the
+transport prepared once: block_table.py), fetches the metadata of exactly the prefill ranks
+it reads from (once per engine), pulls, restores, and notifies every prefill rank it read
+from (after its reply to the node went out: the ReadDone frees prefill blocks, and nothing on
+the decode side waits for it). The node asks it over its rank channel (rank_channel.py), not
+through the TP group. In push mode it progresses its passive NIXL side and waits for the
+writers' PushDone (pd_push.PushInbox).
 Its channel server, lease keeper and poller thread close in close().
 """
 from __future__ import annotations
@@ -18,8 +19,10 @@ from typing import Any
 import numpy as np
 
 from pdbridge.plan import PlanCache, RequestBlocks, SCRATCH, Strategy, TransferPlan
+from pdbridge.plan.block_table import BlockReads
 from pdbridge.spec import EngineLayout
-from pdbridge.transport.copies import check_staging, finish_plan, start_plan
+from pdbridge.transport.copies import (check_staging, finish_plan, start_plan, start_reads,
+                                      wait_reads)
 from pdbridge.transport.handshake import PeerDirectory, peer_name
 from pdbridge.transport.messages import (FloorProbe, ProtocolError, PushDone, ReadDone, decode,
                                          encode)
@@ -74,6 +77,17 @@ class DecodeRank(RankBase):
         return self.plans.plan(prefill, self.layout, self.rank, RequestBlocks(*call.prefill_blocks),
                                RequestBlocks(*call.decode_blocks), strategy)
 
+    def _block_reads(self, prefill: EngineLayout, call: Pull, strategy: Strategy
+                     ) -> BlockReads | None:
+        """The pull as index pairs into block rows where its plan would be `direct` (no plan
+        made: PlanCache.block_reads); None where it is planned: another strategy, or
+        checksums on (the verification walks the plan)."""
+        if call.checksums is not None:
+            return None
+        return self.plans.block_reads(prefill, self.layout, self.rank,
+                                      RequestBlocks(*call.prefill_blocks),
+                                      RequestBlocks(*call.decode_blocks), strategy)
+
     def choose_strategy(self, call: ChooseStrategy) -> StrategyChoice:
         """The concrete strategy this rank's plan takes (what `auto` resolves to here). A
         request that cannot be planned is reported, not raised: the pull then plans it again
@@ -100,7 +114,8 @@ class DecodeRank(RankBase):
             pending = self._begin(one, post=False)
             if isinstance(pending, PullResult):
                 results[i] = pending
-            elif pending.error is not None or pending.plan.uses_decode_scratch():
+            elif pending.error is not None or (pending.plan is not None
+                                               and pending.plan.uses_decode_scratch()):
                 results[i] = self._end(self._post(pending))     # failed, or alone
             else:
                 in_flight.append((i, self._post(pending)))
@@ -120,21 +135,27 @@ class DecodeRank(RankBase):
         try:
             prefill = self._layout(call.prefill_layout)
             # The strategy chosen earlier (ChooseStrategy), which the prefill side prepared for.
-            plan, phases.plan_cached = self._plan(prefill, call,
-                                                  call.strategies.get(self.rank, call.strategy))
+            strategy = call.strategies.get(self.rank, call.strategy)
+            reads = self._block_reads(prefill, call, strategy)
+            if reads is None:
+                plan, phases.plan_cached = self._plan(prefill, call, strategy)
             t1 = time.perf_counter()
             phases.plan_s = 0.0 if phases.plan_cached else t1 - pending.t0
-            if _needs_prepare(plan, call.scratch_bases, self.rank):
+            if plan is not None and _needs_prepare(plan, call.scratch_bases, self.rank):
                 return PullResult(self.rank, False, f"{plan.strategy.value} needs the prefill "
                                   f"ranks to prepare first", plan.strategy.value,
                                   plan.source_ranks(), needs_prepare=True,
                                   seconds=time.perf_counter() - pending.t0, phases=phases)
-            pending.prefill, pending.sources = prefill, plan.source_ranks()
-            # Exactly the prefill ranks this plan reads from, each fetched once per engine.
+            pending.prefill = prefill
+            pending.sources = (reads if reads is not None else plan).source_ranks()
+            # Exactly the prefill ranks this pull reads from, each fetched once per engine.
             self.directory.get_ranks(call.prefill_engine_id, pending.sources,
                                      lambda r: call.endpoints[r])
             phases.peers_s = time.perf_counter() - t1
-            pending.plan = _with_scratch_bases(plan, call.scratch_bases)
+            if reads is not None:
+                pending.reads, phases.block_rows = reads, True
+            else:
+                pending.plan = _with_scratch_bases(plan, call.scratch_bases)
         except Exception as e:
             pending.error = e
             if pending.plan is None:
@@ -186,9 +207,13 @@ class DecodeRank(RankBase):
         self.leases.start(call.request_id, [call.endpoints[r] for r in pending.sources],
                           call.renew_every_s)
         try:
-            check_staging(pending.plan, self.scratch)
-            with self._agent_lock:
-                pending.handles = start_plan(self.transport, pending.plan, peers)
+            if pending.reads is not None:
+                with self._agent_lock:
+                    pending.handles = start_reads(self.transport, pending.reads, peers)
+            else:
+                check_staging(pending.plan, self.scratch)
+                with self._agent_lock:
+                    pending.handles = start_plan(self.transport, pending.plan, peers)
         except Exception as e:
             self.leases.stop(call.request_id)
             pending.error = e
@@ -201,8 +226,12 @@ class DecodeRank(RankBase):
             try:
                 try:
                     with self._agent_lock:
-                        finish_plan(self.transport, plan, pending.handles,
-                                    self.caches.region_buffers, self.scratch, call.timeout_s)
+                        if pending.reads is not None:
+                            wait_reads(self.transport, pending.handles, call.timeout_s)
+                        else:
+                            finish_plan(self.transport, plan, pending.handles,
+                                        self.caches.region_buffers, self.scratch,
+                                        call.timeout_s)
                 finally:
                     self.leases.stop(call.request_id)
                 t3 = time.perf_counter()
@@ -212,14 +241,15 @@ class DecodeRank(RankBase):
                 phases.verify_s = time.perf_counter() - t3
             except Exception as e:
                 pending.error = e
+        done = pending.reads if pending.reads is not None else plan
         if pending.error is None:
-            result = PullResult(self.rank, True, "", plan.strategy.value, pending.sources,
-                                plan.total_nbytes, plan.num_descriptors)
+            result = PullResult(self.rank, True, "", done.strategy.value, pending.sources,
+                                done.total_nbytes, done.num_descriptors)
         else:
             e = pending.error
             result = PullResult(self.rank, False, f"{type(e).__name__}: {e}",
-                                plan.strategy.value if plan is not None else "",
-                                plan.source_ranks() if plan is not None else [])
+                                done.strategy.value if done is not None else "",
+                                done.source_ranks() if done is not None else [])
         self._notify_sources(call, result)
         result.phases = phases
         result.seconds = time.perf_counter() - pending.t0
@@ -279,6 +309,7 @@ class _Pending:
     phases: PullPhases = dataclasses.field(default_factory=PullPhases)
     prefill: EngineLayout | None = None
     plan: TransferPlan | None = None
+    reads: BlockReads | None = None     # instead of a plan: index pairs into block rows
     sources: list[int] = dataclasses.field(default_factory=list)
     handles: list = dataclasses.field(default_factory=list)
     t_read: float = 0.0

@@ -174,12 +174,15 @@ class PullBatch(RankRequest):
 
 class PullPhases(msgspec.Struct):
     """One decode rank's pull, piece by piece (seconds on that rank)."""
-    plan_s: float = 0.0                     # plan_transfer, or 0 when the cached plan served
+    plan_s: float = 0.0                     # plan_transfer (or the block rows' indices), or
+                                            # 0 when the cached plan served
     peers_s: float = 0.0                    # directory: metadata of the source ranks
     read_s: float = 0.0                     # NIXL reads posted, waited, local restore
     verify_s: float = 0.0                   # checksums
     notify_s: float = 0.0                   # 0: ReadDone goes out after the reply
     plan_cached: bool = False
+    block_rows: bool = False                # read through the layout pair's block rows
+                                            # (direct, PlanCache.block_reads), no plan made
     probe_s: float = 0.0                    # Pull.probe_nbytes: the bare read + notification,
     probe_nbytes: int = 0                   # before the pull (not in its seconds); 0: none
 

@@ -23,7 +23,10 @@ Everything of that assembly but the block ids is kept (_Moves): the runs of w wh
 and of a last block's t tokens, at block id 0, with how far each run moves per block id on each
 side; a request's runs are those moved by its ids, two multiply-adds a side (issue 10). A
 `direct` plan (what `auto` mostly chooses) is made from them in one pass over one matrix
-(_BlockRuns.direct_plan; plan_from_direct over direct() is its reference).
+(_BlockRuns.direct_plan; plan_from_direct over direct() is its reference). A pull needs no
+plan at all where it is `direct`: block_reads gives its reads as index pairs into rows made
+once per layout pair from the same kept runs (block_table.py), which the transport prepares
+once; the plan stays for every other strategy and for verified (checksummed) pulls.
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ import numpy as np
 from pdbridge.spec import BLOCK, TOKEN, EngineLayout
 from pdbridge.spec.layout import ZONE_ALIGN
 
+from .block_table import BlockReads, BlockTable
 from .direct_reads import DirectReads, GroupInfo, direct_reads, minimal_nbytes
 from .planner import parse_strategy, plan_from_direct, plan_transfer
 from .run_list import RunList
@@ -73,23 +77,7 @@ class PlanCache:
                                  strategy)
         else:
             check_request(prefill, decode, decode_rank, prefill_blocks, decode_blocks)
-            chosen = strategy
-            if strategy is Strategy.AUTO and runs.kinds_apart:
-                # Strategies differ only in the state runs, and no state run can merge with
-                # an attention run (other regions): `auto`'s choice, made on the state runs
-                # alone, is the choice over whole plans; the whole plan is built once. The
-                # state runs of state block b + period are those of b moved by whole pages,
-                # zone origins included (_BlockRuns.state_period): the same choice.
-                blocks = (prefill_blocks.state_block % runs.state_period[0],
-                          decode_blocks.state_block % runs.state_period[1])
-                chosen = runs.state_choice.get(blocks)
-                if chosen is None:
-                    alone = dataclasses.replace(runs.direct(prefill_blocks, decode_blocks),
-                                                paged=RunList.empty())
-                    chosen = runs.state_choice[blocks] = plan_from_direct(
-                        alone, prefill, prefill_blocks, decode_rank, Strategy.AUTO).strategy
-                    if len(runs.state_choice) > 4096:
-                        runs.state_choice.clear()
+            chosen = self._chosen(runs, prefill_blocks, decode_blocks, strategy)
             if chosen is Strategy.DIRECT:
                 plan = runs.direct_plan(prefill_blocks, decode_blocks)
             else:
@@ -99,6 +87,48 @@ class PlanCache:
         if strategy is Strategy.AUTO:
             self._put(key[:-1] + (plan.strategy,), plan)
         return plan, False
+
+    def block_reads(self, prefill: EngineLayout, decode: EngineLayout, decode_rank: int,
+                    prefill_blocks: RequestBlocks, decode_blocks: RequestBlocks,
+                    strategy: Strategy) -> BlockReads | None:
+        """The request's reads as index pairs into the layout pair's BlockTable, where its
+        plan would be `direct` (asked for, or what `auto` chooses): the same bytes as that
+        plan with no plan built (block_table.py). None where plan() must plan (another
+        strategy, `auto` choosing another, engines of other block sizes). Raises what plan()
+        raises for a request that cannot be planned."""
+        if strategy is not Strategy.AUTO and strategy is not Strategy.DIRECT:
+            return None
+        runs = self._block_runs(prefill, decode, decode_rank, prefill_blocks)
+        if runs is None:
+            return None
+        check_request(prefill, decode, decode_rank, prefill_blocks, decode_blocks)
+        if self._chosen(runs, prefill_blocks, decode_blocks, strategy) is not Strategy.DIRECT:
+            return None
+        return runs.table().reads(prefill_blocks, decode_blocks)
+
+    @staticmethod
+    def _chosen(runs: "_BlockRuns", prefill_blocks: RequestBlocks,
+                decode_blocks: RequestBlocks, strategy: Strategy) -> Strategy:
+        """The strategy the assembled plan takes: `strategy`, or what `auto` chooses where
+        it can be chosen on the state runs alone (else `auto`: plan_from_direct chooses)."""
+        if strategy is not Strategy.AUTO or not runs.kinds_apart:
+            return strategy
+        # Strategies differ only in the state runs, and no state run can merge with an
+        # attention run (other regions): `auto`'s choice, made on the state runs alone, is
+        # the choice over whole plans; the whole plan is built once. The state runs of state
+        # block b + period are those of b moved by whole pages, zone origins included
+        # (_BlockRuns.state_period): the same choice.
+        blocks = (prefill_blocks.state_block % runs.state_period[0],
+                  decode_blocks.state_block % runs.state_period[1])
+        chosen = runs.state_choice.get(blocks)
+        if chosen is None:
+            alone = dataclasses.replace(runs.direct(prefill_blocks, decode_blocks),
+                                        paged=RunList.empty())
+            chosen = runs.state_choice[blocks] = plan_from_direct(
+                alone, runs.prefill, prefill_blocks, runs.rank, Strategy.AUTO).strategy
+            if len(runs.state_choice) > 4096:
+                runs.state_choice.clear()
+        return chosen
 
     def _put(self, key: Key, plan: TransferPlan) -> None:
         self._plans[key] = plan
@@ -156,6 +186,7 @@ class _BlockRuns:
             np.bincount(r.group, weights=r.nbytes, minlength=len(self.groups)).astype(np.int64)
             for r in (self.full, self.token, self.state))
         self.state_choice: dict[tuple[int, int], Strategy] = {}    # `auto` by state blocks
+        self._table: BlockTable | None = None
         # The decode shard's bytes are affine in the token count (paged tensors: bytes per
         # token; state: whole pages): minimal_nbytes(n) = _minimal[0] + n * _minimal[1].
         m0 = minimal_nbytes(decode, decode_rank, 0)
@@ -173,6 +204,16 @@ class _BlockRuns:
             for rl in [decode.rank(decode_rank), *(prefill.rank(p) for p in
                                                    range(prefill.tp_size))]
             for r in range(len(rl.regions)))
+
+    def table(self) -> BlockTable:
+        """Every direct read of this layout pair and rank as rows (block_table.py), made at
+        the first ask and kept."""
+        if self._table is None:
+            self._table = BlockTable((self.prefill.digest, self.decode.digest, self.rank),
+                                     self.block_tokens, self.full, self.token, self.state,
+                                     self._steps, (self.prefill.num_blocks,
+                                                   self.decode.num_blocks))
+        return self._table
 
     def _one(self, tokens: int) -> DirectReads:
         blocks = RequestBlocks(tokens, (0,), 0)

@@ -12,6 +12,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from pdbridge.plan.block_table import BlockReads
 from pdbridge.plan.transfer_plan import SCRATCH, CopyList, TransferPlan
 
 from .transport import ReadList, TransferError, Transport, XferHandle
@@ -73,6 +74,35 @@ def start_plan(transport: Transport, plan: TransferPlan, peers: Mapping[int, str
     return handles
 
 
+def start_reads(transport: Transport, reads: BlockReads, peers: Mapping[int, str]
+                ) -> list[XferHandle]:
+    """start_plan for a request read through block rows (PlanCache.block_reads): one
+    read per prefill rank, index pairs into rows the transport prepares once."""
+    handles = []
+    try:
+        for rows, indices, nbytes in reads.reads:
+            if rows.prefill_rank not in peers:
+                raise TransferError(f"reads from prefill rank {rows.prefill_rank}; no peer "
+                                    f"known for it")
+            handles.append(transport.read_rows(peers[rows.prefill_rank], rows, indices,
+                                               nbytes))
+    except Exception:
+        for h in handles:
+            transport.release(h)
+        raise
+    return handles
+
+
+def wait_reads(transport: Transport, handles: Sequence[XferHandle], timeout_s: float) -> None:
+    """Wait for every read, then release them all (also when one failed)."""
+    try:
+        for h in handles:
+            transport.wait(h, timeout_s)
+    finally:
+        for h in handles:
+            transport.release(h)
+
+
 def check_staging(plan: TransferPlan, scratch: Any | None) -> None:
     """TransferError if the plan needs more staging bytes than the scratch has."""
     if plan.staging_nbytes and (scratch is None or len(scratch) < plan.staging_nbytes):
@@ -84,12 +114,7 @@ def finish_plan(transport: Transport, plan: TransferPlan, handles: Sequence[Xfer
                 regions: Sequence[Any], scratch: Any | None = None,
                 timeout_s: float = 30.0) -> None:
     """After start_plan: wait for every read, release them all, run decode_restore."""
-    try:
-        for h in handles:
-            transport.wait(h, timeout_s)
-    finally:
-        for h in handles:
-            transport.release(h)
+    wait_reads(transport, handles, timeout_s)
     run_copies(plan.decode_restore, regions, scratch)
 
 

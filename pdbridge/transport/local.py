@@ -12,6 +12,9 @@ import threading
 import time
 from typing import Any, Sequence
 
+import numpy as np
+
+from pdbridge.plan.block_table import BlockRows
 from pdbridge.plan.transfer_plan import TransferPlan
 
 from .copies import buffer_for, copy_bytes
@@ -89,6 +92,17 @@ class LocalTransport:
             remote._deliver(self.name, notify)
         self._status[handle.id] = XferStatus(XferState.DONE)
         return handle
+
+    def read_rows(self, peer: str, rows: BlockRows, indices: np.ndarray, nbytes: int,
+                  notify: bytes | None = None) -> XferHandle:
+        """NixlTransport.read_rows by its reference: the index pairs expanded to runs
+        (BlockRows.runs), read as any read list (ranges checked)."""
+        try:
+            runs = rows.runs(indices)
+        except (IndexError, ValueError) as e:
+            raise TransferError(f"read from {peer}: index pairs outside the rows: {e}") from None
+        return self.read(peer, ReadList(runs.src_region, runs.src_offset, runs.dst_region,
+                                        runs.dst_offset, runs.nbytes), notify)
 
     def write(self, peer: str, runs: ReadList, notify: bytes | None = None) -> XferHandle:
         self._check_open()

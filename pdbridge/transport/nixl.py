@@ -4,7 +4,8 @@ Descriptor lists are prepared once: the local list when regions are registered, 
 list per peer in add_peer, both as power-of-two chunk levels over every region (see
 chunks.py for the scheme and why). A read is a pair of index arrays handed to
 make_prepped_xfer, which merges chunks adjacent on both sides back into one descriptor per
-run. Measured facts this follows (REFERENCE.md, NIXL 1.5 on these machines):
+run. A `direct` pull reads through a layout pair's block rows instead (read_rows), prepared
+once per peer the first time they are read. Measured facts this follows (REFERENCE.md, NIXL 1.5 on these machines):
 * the progress thread spins a core, so it is off and wait()/poll() drive progress;
 * the passive side must call get_notifications() about every millisecond, or connection
   set-up stalls;
@@ -23,6 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from pdbridge.plan.block_table import COUNT, NBYTES, OFFSET, REGION, STRIDE, BlockRows
 from pdbridge.plan.transfer_plan import SCRATCH, TransferPlan
 
 from .chunks import ChunkTable, default_grain, split_runs
@@ -54,6 +56,7 @@ class _Peer:
         self.md, self.table, self.dlist = md, table, dlist
         self.entries = _Entries([*md.regions, md.scratch or (0, 0, 0)])
         self.sizes = [r[1] for r in md.regions]
+        self.rows: dict[tuple, _PreparedRows] = {}      # BlockRows.key -> prepared lists
 
 
 # Reads of at most this many runs get one descriptor per run (NixlTransport.read_descs);
@@ -91,6 +94,7 @@ class NixlTransport:
         except Exception as e:
             raise TransferError(f"cannot start NIXL agent {name!r}: {_err(e)}") from None
         self._reg = None                # registered nixlRegDList
+        self._buffers = None            # the registered buffers, kept alive while registered
         self._table: ChunkTable | None = None
         self._local_dlist = None
         self._sizes: list[int] = []
@@ -133,6 +137,7 @@ class NixlTransport:
         except Exception as e:
             raise TransferError(f"registering regions of {self.name!r}: {_err(e)}") from None
         self._infos = infos
+        self._buffers = (list(buffers), scratch)     # registered memory outlives its users
         n = len(self._sizes)
         self._local_entries = _Entries([(i.addr, i.nbytes, i.device) for i in infos[:n]] + [
             (infos[n].addr, infos[n].nbytes, infos[n].device) if scratch is not None
@@ -213,6 +218,65 @@ class NixlTransport:
         except Exception as e:
             raise TransferError(f"read from {peer}: {_err(e)}") from None
         return self._post(h, peer, len(reads), reads.total_nbytes)
+
+    def read_rows(self, peer: str, rows: BlockRows, indices: np.ndarray, nbytes: int,
+                  notify: bytes | None = None) -> XferHandle:
+        """Reads as index pairs (indices[0] into the peer's rows, indices[1] into ours) into
+        lists prepared from `rows` once per peer (plan/block_table.py): make_prepped_xfer
+        pairs them and merges the descriptors adjacent on both sides. Each row's whole extent
+        was checked against its region when prepared; here only that every index is inside
+        its list."""
+        self._check_open()
+        p = self._peers.get(peer)
+        if p is None:
+            raise TransferError(f"unknown peer {peer!r}; known: {sorted(self._peers)}")
+        lists = p.rows.get(rows.key)
+        if lists is None:
+            lists = p.rows[rows.key] = self._prepare_rows(peer, p, rows)
+        n = indices.shape[1]
+        if not n or indices.min() < 0 or (indices.max(axis=1) >= lists.entries).any():
+            raise TransferError(f"read from {peer}: {n} index pairs, some outside the "
+                                f"prepared lists of {lists.entries.tolist()} entries")
+        try:
+            h = self._agent.make_prepped_xfer("READ", lists.local, indices[1], lists.remote,
+                                              indices[0], notif_msg=notify or b"")
+        except Exception as e:
+            raise TransferError(f"read from {peer}: {_err(e)}") from None
+        return self._post(h, peer, n, nbytes)
+
+    def _prepare_rows(self, peer: str, p: _Peer, rows: BlockRows) -> "_PreparedRows":
+        """Both sides' rows checked against their regions, then prepared (compressed rows:
+        addr, len, device, stride, count)."""
+        lists = []
+        for side, table, sizes, entries, agent, kind in (
+                ("source", rows.remote, p.sizes, p.entries, peer, p.md.mem_kind),
+                ("destination", rows.local, self._sizes, self._local_entries,
+                 "NIXL_INIT_AGENT", self._kind.value)):
+            region, offset = table[:, REGION], table[:, OFFSET]
+            n, stride, count = table[:, NBYTES], table[:, STRIDE], table[:, COUNT]
+            if len(table) and (region.min() < 0 or region.max() >= len(sizes)):
+                raise TransferError(f"rows for {peer}: a {side} region outside its "
+                                    f"{len(sizes)} regions")
+            last = offset + (count - 1) * stride + n
+            bad = (offset < 0) | (n <= 0) | (count < 1) | (stride < 0) | \
+                (last > np.asarray(sizes, np.int64)[region])
+            if bad.any():
+                i = int(np.argmax(bad))
+                raise TransferError(f"rows for {peer}: {side} row {i} (region {int(region[i])}, "
+                                    f"offset {int(offset[i])}, {int(count[i])} x {int(n[i])} "
+                                    f"bytes {int(stride[i])} apart) outside its "
+                                    f"{sizes[int(region[i])]} bytes")
+            out = np.empty((len(table), 5), np.uint64)
+            out[:, 0] = entries.addr[region] + offset
+            out[:, 1], out[:, 2], out[:, 3], out[:, 4] = n, entries.dev[region], stride, count
+            try:
+                lists.append(self._agent.prep_xfer_dlist(agent, out, kind))
+            except Exception as e:
+                for done in lists:
+                    _quietly(self._agent.release_dlist_handle, done)
+                raise TransferError(f"preparing rows for {peer}: {_err(e)}") from None
+        return _PreparedRows(lists[0], lists[1], np.array(
+            [int(rows.remote[:, COUNT].sum()), int(rows.local[:, COUNT].sum())], np.int64))
 
     def indices(self, peer: str, reads: ReadList) -> tuple[np.ndarray, np.ndarray]:
         """(remote, local) chunk indices of a read list; exposed for the benchmark."""
@@ -380,6 +444,9 @@ class NixlTransport:
         for hid in list(self._xfers):
             self.release(XferHandle(hid, "", 0, 0))
         for name, p in self._peers.items():
+            for lists in p.rows.values():
+                _quietly(self._agent.release_dlist_handle, lists.remote)
+                _quietly(self._agent.release_dlist_handle, lists.local)
             _quietly(self._agent.release_dlist_handle, p.dlist)
             _quietly(self._agent.remove_remote_agent, name)
         for pr in self._prepared:
@@ -391,7 +458,7 @@ class NixlTransport:
             _quietly(self._agent.release_dlist_handle, self._local_dlist)
         if self._reg is not None:
             _quietly(self._agent.deregister_memory, self._reg)
-        self._local_dlist = self._reg = None
+        self._local_dlist = self._reg = self._buffers = None
 
     def _check_open(self) -> None:
         if self._closed:
@@ -402,6 +469,13 @@ class NixlTransport:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@dataclass(frozen=True)
+class _PreparedRows:
+    remote: Any             # the peer's rows, prepared
+    local: Any              # ours, prepared
+    entries: np.ndarray     # entries of each list: (remote, local)
 
 
 @dataclass(frozen=True)

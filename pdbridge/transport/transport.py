@@ -22,6 +22,7 @@ from typing import Any, Protocol, Sequence
 import msgspec
 import numpy as np
 
+from pdbridge.plan.block_table import BlockRows
 from pdbridge.plan.transfer_plan import SCRATCH, TransferPlan
 
 
@@ -194,6 +195,11 @@ class Transport(Protocol):
     def read(self, peer: str, reads: ReadList | TransferPlan, notify: bytes | None = None,
              prefill_rank: int | None = None) -> XferHandle:
         """Start reading `reads` from `peer`; `notify` is delivered to the peer on success."""
+
+    def read_rows(self, peer: str, rows: BlockRows, indices: np.ndarray, nbytes: int,
+                  notify: bytes | None = None) -> XferHandle:
+        """Start reading the entries of `rows` that `indices` pairs (row 0 the peer's, row 1
+        ours; plan/block_table.py), `nbytes` in all."""
 
     def write(self, peer: str, runs: ReadList, notify: bytes | None = None) -> XferHandle:
         """Start writing `runs` into `peer` (push mode): src region/offset HERE, dst
