@@ -8,6 +8,11 @@ run joins the next batch; per-request sinks (`watch`) get each StepOutput on the
 
 Failure: an exception from a step (a dead worker, EngineError) fails every watched request
 and every later call; the loop is then `broken` (health reports it) until closed.
+
+The loop thread holds `_owner` whenever it touches the engine; it lets go only while it waits
+for calls. `run_now(fn)` runs fn on the caller's thread in such a moment (the engine idle,
+no call pending), and otherwise declines: work that needs no step (a decode server
+allocating a request's blocks before its transfer) then skips the loop thread's wakeup.
 """
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ class EngineLoop:
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[int, Sink] = {}
         self._stop = threading.Event()
+        self._owner = threading.Lock()      # whoever touches the engine (module docstring)
         self.broken: BaseException | None = None
         self.steps = 0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -52,6 +58,24 @@ class EngineLoop:
             return fut
         self._calls.put((fn, fut))
         return fut
+
+    def run_now(self, fn: Callable[[Any], Any]) -> tuple[bool, Any]:
+        """(True, fn(owner)) run on the caller's thread if the loop thread is waiting for
+        calls (the engine idle, none pending), holding the engine meanwhile; (False, None)
+        otherwise, and then the caller uses call(). The loop thread is not woken: fn must
+        leave no work a step has to do now (a decode request awaiting its state does not).
+        fn's exception propagates."""
+        if self.broken is not None or self._stop.is_set() or not self._calls.empty():
+            return False, None
+        if not self._owner.acquire(blocking=False):
+            return False, None
+        try:
+            if self.broken is not None or not self._calls.empty() or \
+                    self.engine.has_unfinished():
+                return False, None
+            return True, fn(self.owner)
+        finally:
+            self._owner.release()
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Stop the thread (pending calls fail); the caller then closes the engine."""
@@ -71,36 +95,56 @@ class EngineLoop:
     def _run(self) -> None:
         next_idle = 0.0
         while not self._stop.is_set():
-            busy = self.broken is None and self.engine.has_unfinished()
-            self._run_calls(block=not busy, timeout=self._idle_every_s)
-            if self._stop.is_set():
-                break
-            if self.broken is None and self.engine.has_unfinished():
-                try:
-                    outputs = self.engine.step()
-                except EngineFull:
-                    outputs = None           # queued behind held blocks: wait for releases
-                except BaseException as e:   # a dead or stuck worker: everything fails
-                    self._fail(e)
-                    continue
-                if outputs is None:
-                    time.sleep(self._idle_every_s)
-                else:
-                    self.steps += 1
-                    self._dispatch(outputs)
-                    if self._after_step is not None:
-                        self._guarded(self._after_step)
-            now = time.monotonic()
-            if self._idle is not None and now >= next_idle and self.broken is None:
-                self._guarded(self._idle)
-                next_idle = now + self._idle_every_s
-        self._fail_calls(RuntimeError("the engine loop was closed"))
+            with self._owner:
+                busy = self.broken is None and self.engine.has_unfinished()
+            item = self._next_call(block=not busy, timeout=self._idle_every_s)
+            with self._owner:
+                stalled = self._iterate(item)
+                next_idle = self._idle_if_due(next_idle)
+            if stalled:
+                time.sleep(self._idle_every_s)
+        with self._owner:
+            self._fail_calls(RuntimeError("the engine loop was closed"))
 
-    def _run_calls(self, block: bool, timeout: float) -> None:
+    def _iterate(self, item) -> bool:
+        """One turn, holding the engine: the call taken (and every other pending), then a
+        step. True: the step could not run (blocks held elsewhere); wait before the next."""
+        if item is not None:
+            self._run_calls(item)
+        if self._stop.is_set() or self.broken is not None or not self.engine.has_unfinished():
+            return False
         try:
-            item = self._calls.get(timeout=timeout) if block else self._calls.get_nowait()
+            outputs = self.engine.step()
+        except EngineFull:
+            return True                 # queued behind held blocks: wait for releases
+        except BaseException as e:      # a dead or stuck worker: everything fails
+            self._fail(e)
+            return False
+        if outputs is None:
+            return True
+        self.steps += 1
+        self._dispatch(outputs)
+        if self._after_step is not None:
+            self._guarded(self._after_step)
+        return False
+
+    def _idle_if_due(self, next_idle: float) -> float:
+        now = time.monotonic()
+        if self._idle is not None and now >= next_idle and self.broken is None \
+                and not self._stop.is_set():
+            self._guarded(self._idle)
+            return now + self._idle_every_s
+        return next_idle
+
+    def _next_call(self, block: bool, timeout: float):
+        """The next call (or None), waiting for it up to `timeout` when `block`: the one
+        moment the loop thread does not hold the engine."""
+        try:
+            return self._calls.get(timeout=timeout) if block else self._calls.get_nowait()
         except queue.Empty:
-            return
+            return None
+
+    def _run_calls(self, item) -> None:
         while item is not None:
             fn, fut = item
             if fut.set_running_or_notify_cancel():

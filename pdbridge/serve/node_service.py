@@ -246,7 +246,9 @@ class NodeService:
                 return True
             if self._backlog or not attempt():
                 self._backlog.append((attempt, stream))
-        async for event in self._run(start, stream):
+        # Allocating needs no step: on this thread when the engine is idle (run_now), which
+        # spares the loop thread's wakeup on the transfer's path (issue 10).
+        async for event in self._run(start, stream, now=True):
             yield event
 
     def _transfer_queued(self) -> None:
@@ -396,9 +398,13 @@ class NodeService:
                                        if out.finished and out.finish_reason else None))
         return sink
 
-    async def _run(self, start, stream: "_TokenStream") -> AsyncIterator[wire.TokenEvent]:
+    async def _run(self, start, stream: "_TokenStream", now: bool = False
+                   ) -> AsyncIterator[wire.TokenEvent]:
+        """`start` on the loop thread (or, `now`, on this one if the engine is idle:
+        EngineLoop.run_now), then the stream's events until its last."""
         stream.bind(asyncio.get_running_loop())
-        await asyncio.wrap_future(self.loop.call(start))
+        if not (now and self.loop.run_now(start)[0]):
+            await asyncio.wrap_future(self.loop.call(start))
         finished = False
         try:
             while True:

@@ -90,3 +90,33 @@ def test_engine_full_waits_without_breaking():
         assert done.wait(10) and loop.broken is None and got[0].new_token_ids == (5,)
     finally:
         loop.close()
+
+
+def test_run_now_runs_here_only_while_the_loop_waits_idle():
+    """run_now: on the caller's thread while the loop thread waits for calls with nothing to
+    step; declined (for call()) while a call runs or the engine has work; never at once
+    with the loop thread."""
+    eng = FakeEngine()
+    loop = EngineLoop("owner", eng, idle_every_s=0.001)
+    inside, release = threading.Event(), threading.Event()
+    try:
+        here = threading.current_thread().name
+        assert loop.run_now(lambda o: (o, threading.current_thread().name)) == \
+            (True, ("owner", here))
+        with pytest.raises(ZeroDivisionError):
+            loop.run_now(lambda o: 1 / 0)
+
+        def held(_):                        # the loop thread holds the engine
+            inside.set()
+            release.wait(10)
+        fut = loop.call(held)
+        assert inside.wait(10)
+        assert loop.run_now(lambda o: "ran") == (False, None)
+        release.set()
+        fut.result(10)
+        eng.queue += [None] * 10 ** 6       # work to step (each step stalls): declined
+        for _ in range(20):
+            assert loop.run_now(lambda o: "ran") == (False, None)
+    finally:
+        release.set()
+        loop.close()
