@@ -158,6 +158,14 @@ class LocalRank(NamedTuple):
     after_reply: Callable[[], None] | None = None
 
 
+class Asked(NamedTuple):
+    """A request sent to the remote ranks (RankChannel.send), for collect."""
+    seq: int
+    body: bytes
+    asked: frozenset
+    local: bool                 # rank 0 is among the asked and runs in collect
+
+
 class RankChannel:
     """The node's end: one connection per decode rank, used by one thread at a time; with
     `local`, rank 0 is called directly instead (its endpoint is not connected)."""
@@ -187,9 +195,16 @@ class RankChannel:
         """Send `request` to every rank (or those in `ranks`); rank -> its reply, for those
         that answered within timeout_s. `check_alive` runs between polls (it raises if a
         rank's process died)."""
+        return self.collect(self.send(request, ranks), reply_type, timeout_s, check_alive)
+
+    def send(self, request: RankRequest, ranks: list[int] | None = None) -> "Asked":
+        """The first half of call_all: `request` to the remote ranks (every rank, or those in
+        `ranks`), now; `collect` runs rank 0's part (local) and gathers the replies. A node
+        sends as soon as it can (the remote ranks start while it goes on) and collects on
+        its transfer thread; nothing else may use the channel in between."""
         self._seq += 1
         body = msgspec.msgpack.encode(request)
-        asked = set(range(self._ranks) if ranks is None else ranks)
+        asked = frozenset(range(self._ranks) if ranks is None else ranks)
         local = self._local is not None and 0 in asked
         # The remote ranks first: once rank 0 (this process) runs, this thread is busy with
         # it; sent after it, the other ranks' requests were ~1 ms late (issue 10, stamps).
@@ -199,10 +214,17 @@ class RankChannel:
                 send_frame(self._socks[rank], self._seq, body)
             except OSError:
                 self._lose(rank)
+        return Asked(self._seq, body, asked, local)
+
+    def collect(self, ask: "Asked", reply_type: type, timeout_s: float,
+                check_alive: Callable[[], None] = lambda: None) -> dict[int, msgspec.Struct]:
+        """The second half of call_all (after send, before any other send): rank -> reply,
+        for those that answered within timeout_s."""
+        asked = set(ask.asked)
         replies: dict[int, msgspec.Struct] = {}
         after = None
-        if local:
-            after = self._call_local(body, reply_type, replies)
+        if ask.local:
+            after = self._call_local(ask.body, reply_type, replies)
             if 0 not in replies:
                 asked = asked - {0}         # it failed here and said so: nothing to wait for
         now = time.monotonic()
@@ -211,7 +233,7 @@ class RankChannel:
         # Poll for them SPIN_S (yielding the core) before sleeping in select: a sleeping
         # thread woke 0.13-0.2 ms after the reply (stamps on both sides); paired runs of
         # `pdbridge up` put the stage 2-8% lower with the poll.
-        spin_until = now + SPIN_S if local else 0.0
+        spin_until = now + SPIN_S if ask.local else 0.0
         while asked - replies.keys() - self._lost:
             now = time.monotonic()
             left = deadline - now
@@ -233,7 +255,7 @@ class RankChannel:
                 except (ChannelClosed, OSError):
                     self._lose(rank)
                     continue
-                if seq == self._seq and rank in asked:  # else: an earlier, timed-out reply
+                if seq == ask.seq and rank in asked:    # else: an earlier, timed-out reply
                     replies[rank] = msgspec.msgpack.decode(data, type=reply_type)
             if asked - replies.keys():
                 check_alive()

@@ -28,7 +28,7 @@ import msgspec
 from pdbridge.engine.llm_engine import Engine, EngineError, RequestHandle
 from pdbridge.engine.pd_calls import (AwaitPush, ChooseStrategy, PDSetup, Pull, PullBatch,
                                      PullBatchResult, PullResult, PushTarget, StrategyChoice)
-from pdbridge.engine.rank_channel import RankChannel
+from pdbridge.engine.rank_channel import Asked, RankChannel
 from pdbridge.engine.request import SamplingParams
 from pdbridge.plan import PUSH_STRATEGIES, Strategy, parse_strategy
 from pdbridge.plan.strategies import STAGE_ALIGN
@@ -134,6 +134,15 @@ class PullJob:
     strategies: dict[int, Strategy] | None = None
     checksums: dict[int, dict[int, int]] | None = None
     prepare: Prepare | None = None
+
+
+@dataclass(frozen=True)
+class StartedPull:
+    """A job's first Pull sent to the remote decode ranks (DecodeNode.start_pull), for
+    finish_started; or, where it could not be asked, its outcome already."""
+    first: "_FirstPull | None"
+    ask: Asked | None
+    outcome: "tuple[PullResult, ...] | BaseException | None"
 
 
 @dataclass
@@ -299,9 +308,35 @@ class DecodeNode:
         answers = self._pull_all([r.pull for _, r in firsts])
         for (i, first), results in zip(firsts, answers):
             out[i] = self._then_prepared(first, results)
-            self._last_rank_nbytes = max([r.nbytes for r in out[i] if r.ok],
-                                         default=self._last_rank_nbytes)
         return out
+
+    def knows_layout(self, params: TransferParams) -> bool:
+        """Whether the request's prefill layout is here already (no handshake to ask it)."""
+        return params.layout_digest in self._prefill_layouts
+
+    def start_pull(self, job: PullJob) -> "StartedPull":
+        """pull_results' first half for one job: its Pull sent to the remote ranks now, so
+        they read while the caller goes on; finish_started does the rest (rank 0's part,
+        the replies, preparation). Nothing else may use the rank channel in between."""
+        try:
+            first = self._first_pull(job)
+        except (ValueError, TransferRefused) as e:
+            return StartedPull(None, None, e)
+        if not isinstance(first, _FirstPull):
+            return StartedPull(None, None, first)
+        return StartedPull(first, self.channel.send(first.pull), None)
+
+    def finish_started(self, started: "StartedPull"
+                       ) -> tuple[PullResult, ...] | BaseException:
+        """After start_pull: the job's results, or the ValueError / TransferRefused
+        pull_results would raise (pull_results_many's per-job outcome). EngineError (a
+        rank's process died) is raised."""
+        if started.ask is None:
+            return started.outcome
+        timeout_s = 2 * self.pull_timeout_s + CHANNEL_SLACK_S
+        replies = self._collect(started.ask, PullResult, timeout_s)
+        return self._then_prepared(started.first, self._answers(replies, started.ask.asked,
+                                                                timeout_s))
 
     def _probe_nbytes(self) -> int:
         """This pull's Pull.probe_nbytes (probe_every): the bytes of the last pull's slowest
@@ -350,8 +385,12 @@ class DecodeNode:
             batches = self._ask_ranks(PullBatch(pulls), PullBatchResult, timeout_s, ranks)
             answers = [{j: a.results[i] for j, a in batches.items() if len(a.results) > i}
                        for i in range(len(pulls))]
-        return [{j: a.get(j) or PullResult(j, False, f"no answer within {timeout_s:g} s")
-                 for j in asked} for a in answers]
+        return [self._answers(a, asked, timeout_s) for a in answers]
+
+    @staticmethod
+    def _answers(replies: dict, asked, timeout_s: float) -> dict[int, PullResult]:
+        return {j: replies.get(j) or PullResult(j, False, f"no answer within {timeout_s:g} s")
+                for j in asked}
 
     def _then_prepared(self, first: "_FirstPull", results: dict[int, PullResult]
                        ) -> tuple[PullResult, ...]:
@@ -375,7 +414,10 @@ class DecodeNode:
                 again = msgspec.structs.replace(first.pull, scratch_bases=bases,
                                                 strategies=first.chosen, probe_nbytes=0)
                 results.update(self._pull_all([again], sorted(waiting))[0])
-        return tuple(results[j] for j in range(self.tp_size))
+        out = tuple(results[j] for j in range(self.tp_size))
+        self._last_rank_nbytes = max([r.nbytes for r in out if r.ok],
+                                     default=self._last_rank_nbytes)
+        return out
 
     def finish_pull(self, handle: RequestHandle, results: tuple[PullResult, ...]) -> PullOutcome:
         """After pull_results: decode from the pulled state, or recompute, or fail."""
@@ -389,9 +431,11 @@ class DecodeNode:
         """Every decode rank's (or those in `ranks`) answer over the rank channel (rank ->
         reply; a rank that did not answer in time is missing). EngineError if a rank's
         process died."""
+        return self._collect(self.channel.send(request, ranks), reply_type, timeout_s)
+
+    def _collect(self, ask: Asked, reply_type: type, timeout_s: float) -> dict:
         try:
-            return self.channel.call_all(request, reply_type, timeout_s,
-                                         self.engine.check_alive, ranks)
+            return self.channel.collect(ask, reply_type, timeout_s, self.engine.check_alive)
         except EngineError as e:
             raise EngineError(f"decode engine {self.engine_id}: {e}; request aborted, "
                               f"its blocks freed") from e

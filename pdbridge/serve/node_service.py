@@ -11,7 +11,9 @@ backlog for them), pulls its state, and then streams tokens from every later ste
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +30,7 @@ from pdbridge.spec import CacheConfig
 
 from . import wire
 from .decode_node import (DecodeNode, OnFailure, PrepareFailed, PullFailed, PullJob,
-                          TransferRefused)
+                          StartedPull, TransferRefused)
 from .engine_loop import EngineLoop
 from .prefill_node import PrefillNode
 from .tokenizer import read_files
@@ -115,6 +117,8 @@ class NodeService:
         self._transfers = ThreadPoolExecutor(1, thread_name_prefix="transfer") \
             if role is Role.DECODE else None
         self._queued: deque[_Queued] = deque()
+        # decode: transfer jobs submitted and not yet ended; at 0 the rank channel is free
+        self._jobs, self._jobs_lock = 0, threading.Lock()
         self.loop = EngineLoop(self.node, engine, name=f"engine-loop-{role.value}",
                                idle=self._idle, after_step=self._after_step,
                                on_broken=self._broken)
@@ -240,9 +244,8 @@ class NodeService:
                 except BaseException as e:
                     stream.fail(e)
                     return True
-                self._queued.append(_Queued(handle, req, stream, t0, waited_s,
-                                            time.perf_counter()))
-                self._transfers.submit(self._transfer_queued)
+                self._queue_transfer(node, _Queued(handle, req, stream, t0, waited_s,
+                                                   time.perf_counter()))
                 return True
             if self._backlog or not attempt():
                 self._backlog.append((attempt, stream))
@@ -251,11 +254,36 @@ class NodeService:
         async for event in self._run(start, stream, now=True):
             yield event
 
+    def _queue_transfer(self, node: DecodeNode, q: "_Queued") -> None:
+        """On the thread holding the engine, the request's blocks allocated: queue its
+        transfer for the transfer thread. When that thread has nothing queued or running,
+        the rank channel is free: the request's Pull goes to the remote decode ranks from
+        here, now (DecodeNode.start_pull), and the transfer thread, once awake, runs rank 0's
+        part and collects (issue 10: the remote ranks no longer wait for that thread's
+        wakeup). Not where checksums fetch digests first, or the prefill layout is not
+        known yet (either asks another server)."""
+        with self._jobs_lock:
+            free = self._jobs == 0
+            self._jobs += 1
+        if free and not node.checksums and node.knows_layout(q.req.params):
+            job = self._pull_job(node, q)
+            if not isinstance(job, str):
+                q = dataclasses.replace(q, started=node.start_pull(job))
+        self._queued.append(q)
+        self._transfers.submit(self._transfer_queued)
+
     def _transfer_queued(self) -> None:
         """On the transfer thread: the part of the transfers that needs no engine
         (strategies, the prefill side's part, the ranks' pulls) for every request queued by
         now, in one batch (up to config.pull_batch; a later call takes the rest), while the
         loop thread goes on stepping; then each one's engine part (_finish) back on it."""
+        try:
+            self._transfer_batch()
+        finally:
+            with self._jobs_lock:
+                self._jobs -= 1
+
+    def _transfer_batch(self) -> None:
         batch: list[_Queued] = []
         while self._queued and len(batch) < self.config.pull_batch:
             batch.append(self._queued.popleft())
@@ -283,6 +311,9 @@ class NodeService:
         verdicts: list = [None] * len(batch)
         jobs, where = [], []
         for i, q in enumerate(batch):
+            if q.started is not None:           # sent already: collected before any send
+                verdicts[i] = node.finish_started(q.started)
+                continue
             job = self._pull_job(node, q)
             if isinstance(job, str):
                 verdicts[i] = job
@@ -435,6 +466,7 @@ class _Queued:
     t0: float               # received
     waited_s: float         # received -> allocated (the engine loop)
     t_submit: float         # queued for the transfer thread
+    started: StartedPull | None = None  # its Pull already sent to the remote ranks
 
 
 class _Completion:

@@ -58,18 +58,21 @@ def test_a_client_leaving_mid_transfer_frees_the_blocks_after_the_pull(nodes, mo
     free = pool.num_free
     node = svc.node
     entered, release = threading.Event(), threading.Event()
-    real = node.pull_results_many
 
-    def held_pull(*args, **kw):
-        entered.set()
-        release.wait(30.0)
-        return real(*args, **kw)
-    monkeypatch.setattr(node, "pull_results_many", held_pull)
+    def held(real):
+        def held_pull(*args, **kw):
+            entered.set()
+            release.wait(30.0)
+            return real(*args, **kw)
+        return held_pull
+    # Either way a transfer thread collects a pull: sent from there, or sent at allocation.
+    monkeypatch.setattr(node, "pull_results_many", held(node.pull_results_many))
+    monkeypatch.setattr(node, "finish_started", held(node.finish_started))
 
     async def leave_mid_transfer():
         gen = svc.decode(_request(pre, PROMPTS[1], 6))
         task = asyncio.ensure_future(gen.__anext__())
-        await asyncio.get_running_loop().run_in_executor(None, entered.wait, 30.0)
+        assert await asyncio.get_running_loop().run_in_executor(None, entered.wait, 30.0)
         assert pool.num_free < free            # allocated, being pulled into
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -114,3 +117,27 @@ def test_only_ranks_choosing_permute_are_prepared_for_then_pull_again(monkeypatc
     finally:
         svc.close()
         pre.close()
+
+
+def test_an_idle_servers_pull_is_sent_at_allocation_and_decodes_the_same(nodes, monkeypatch):
+    """With no transfer queued or running, a request's Pull goes to the remote ranks where
+    its blocks were allocated (DecodeNode.start_pull) and the transfer thread collects it;
+    requests that queue behind a running transfer are sent from the transfer thread. The
+    tokens are the monolithic engine's either way."""
+    model_dir, pre, svc = nodes
+    node = svc.node
+    started = []
+    real = node.start_pull
+    monkeypatch.setattr(node, "start_pull", lambda job: started.append(job) or real(job))
+    want = monolithic(model_dir, PROMPTS[:3], 4)
+    for prompt, expect in zip(PROMPTS[:3], want):       # one at a time: the server idle
+        tokens, stats = asyncio.run(_collect(svc, _request(pre, prompt, 4)))
+        assert tokens == expect and not stats.recomputed
+    assert len(started) == 3
+
+    async def together():
+        return await asyncio.gather(*(_collect(svc, _request(pre, p, 4)) for p in PROMPTS[:3]))
+    started.clear()
+    outs = asyncio.run(together())
+    assert [t for t, _ in outs] == want
+    assert 1 <= len(started) <= 3

@@ -33,8 +33,8 @@ def test_a_batch_of_pulls_gives_each_request_its_tokens(model_dir, strategy, mon
     pre = PrefillNode(model_dir, 1, cache("SD"), transport="nixl")
     dec = DecodeNode(model_dir, 2, cache("DS"), transport="nixl", strategy=strategy)
     calls = []
-    real = dec.channel.call_all
-    monkeypatch.setattr(dec.channel, "call_all",
+    real = dec.channel.send
+    monkeypatch.setattr(dec.channel, "send",
                         lambda request, *a, **kw: calls.append(type(request).__name__)
                         or real(request, *a, **kw))
     try:
