@@ -118,10 +118,16 @@ class RankBase:
             buf[call.offset] = 255 - int(buf[call.offset])
 
     def _layout(self, d: dict) -> EngineLayout:
+        """A peer engine's layout, kept by digest: a call may name it by digest alone
+        ({"digest": ...}) once an earlier call carried it whole (DecodeNode sends it once)."""
         digest = d.get("digest")
-        if digest not in self._layouts:
-            self._layouts[digest] = EngineLayout.from_dict(d)
-        return self._layouts[digest]
+        layout = self._layouts.get(digest)
+        if layout is None:
+            if len(d) == 1:
+                raise ValueError(f"prefill layout {digest} is named, not sent, and this rank "
+                                 f"has not seen it")
+            layout = self._layouts[digest] = EngineLayout.from_dict(d)
+        return layout
 
     def _start_poller(self, keep: Callable[[bytes], None]) -> None:
         self._poller = threading.Thread(target=self._poll_loop, args=(keep,), daemon=True,

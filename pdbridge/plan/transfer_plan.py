@@ -129,5 +129,5 @@ class RequestBlocks:
     def __post_init__(self):
         if self.num_tokens < 0:
             raise ValueError(f"num_tokens must be >= 0, got {self.num_tokens}")
-        if self.state_block < 0 or any(b < 0 for b in self.attn_blocks):
+        if self.state_block < 0 or min(self.attn_blocks, default=0) < 0:
             raise ValueError("block ids must be >= 0")

@@ -184,6 +184,7 @@ class DecodeNode:
         self.layout: EngineLayout = self.engine.layout
         self.layout_dict = self.layout.to_dict()
         self._prefill_layouts: dict[str, dict] = {}     # digest -> layout, from handshakes
+        self._layouts_sent: set[str] = set()    # digests every rank has had whole in a Pull
         nbytes = staging_nbytes if staging_nbytes is not None else default_staging_nbytes(self.layout)
         infos = self.engine.call(PDSetup("decode", self.engine_id, transport, nbytes,
                                          pull_timeout_s, self.transfer_mode.value,
@@ -364,6 +365,13 @@ class DecodeNode:
                 bases = job.prepare(chosen)
             except PrepareFailed as e:
                 return self._all_failed(f"before the pull: {e}")
+        # Sent whole once; then named by its digest, which each rank keeps it under (every
+        # rank takes its Pulls in order, the first of them carried it).
+        digest = params.layout_digest
+        if digest in self._layouts_sent:
+            prefill_layout = {"digest": digest}
+        else:
+            self._layouts_sent.add(digest)
         return _FirstPull(job, chosen, bases, Pull(
             params.request_id, params.engine_id, prefill_layout, params.endpoints,
             params.prefill_blocks, (b.num_tokens, b.attn_blocks, b.state_block),

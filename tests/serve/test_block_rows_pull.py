@@ -67,3 +67,38 @@ def test_verified_pulls_are_planned():
     finally:
         dec.close()
         pre.close()
+
+
+def test_the_prefill_layout_goes_to_the_ranks_once():
+    """The first Pull carries the prefill engine's layout whole, later ones its digest (each
+    rank keeps it); a rank asked by digest for a layout it never had fails the pull, which
+    is recomputed, not misread."""
+    from pdbridge.engine.pd_calls import Pull
+    model_dir = str(default_model.model_dir())
+    want = monolithic(model_dir, PROMPTS[:3], 4)
+    pre = PrefillNode(model_dir, 1, cache())
+    dec = DecodeNode(model_dir, 2, cache())
+    sent = []
+    real = dec.channel.send
+    dec.channel.send = lambda request, *a, **kw: sent.append(request) or real(request, *a, **kw)
+    try:
+        tokens, _ = _run(pre, dec, PROMPTS[:3], 4)
+        assert tokens == want
+        layouts = [r.prefill_layout for r in sent if isinstance(r, Pull)]
+        assert len(layouts) == 3 and len(layouts[0]) > 1
+        assert layouts[1:] == [{"digest": layouts[0]["digest"]}] * 2
+        # A digest no rank has seen (another prefill geometry, never sent whole): refused.
+        real_first = dec._first_pull
+
+        def renamed(job, *a, **kw):
+            first = real_first(job, *a, **kw)
+            first.pull.prefill_layout.clear()
+            first.pull.prefill_layout["digest"] = "0" * 16
+            return first
+        dec._first_pull = renamed
+        records = PDRouter(pre, [dec]).run(PROMPTS[:1], SamplingParams(max_tokens=4))
+        assert records[0].recomputed and records[0].token_ids == want[0]
+        assert "not seen it" in " ".join(records[0].errors)
+    finally:
+        dec.close()
+        pre.close()
