@@ -23,6 +23,7 @@ trip, so rank 0 sees exactly what a remote rank decodes.
 """
 from __future__ import annotations
 
+import enum
 import logging
 import os
 import selectors
@@ -32,7 +33,7 @@ import struct
 import tempfile
 import threading
 import time
-from typing import Callable, NamedTuple, Union
+from typing import Callable, ClassVar, NamedTuple, Union
 
 import msgspec
 
@@ -42,10 +43,28 @@ log = logging.getLogger(__name__)
 POLL_MS = 50                # the node's wait: how often it checks the ranks are alive;
                             # the server's: how often it looks at its stop flag
 SPIN_S = 0.001              # after rank 0's part, how long the node polls for the others'
+# After an Expect, how long a rank's channel thread polls for the request it announces
+# instead of sleeping in select.
+EXPECT_S = 0.002
 SCHEME = "unix://"
 _HEADER = struct.Struct("<QQ")          # seq, body nbytes
 MAX_FRAME_NBYTES = 1 << 30              # a header claiming more is not ours: drop the line
-_requests = msgspec.msgpack.Decoder(Union[ChooseStrategy, Pull, PullBatch])
+
+
+class _Served(enum.Enum):
+    ANSWERED = "answered"
+    EXPECT = "expect"           # an Expect: poll for the request it announces
+    CLOSED = "closed"
+
+
+class Expect(RankRequest):
+    """Node to a rank's channel thread: a request follows shortly (a decode server that just
+    received one and is allocating its blocks). The thread polls for it for EXPECT_S rather
+    than sleeping, so its wakeup overlaps the node's allocation (issue 10); no reply."""
+    handler: ClassVar[str] = ""
+
+
+_requests = msgspec.msgpack.Decoder(Union[ChooseStrategy, Pull, PullBatch, Expect])
 
 
 class ChannelClosed(ConnectionError):
@@ -103,13 +122,25 @@ class RankChannelServer:
     def _loop(self) -> None:
         sel = selectors.DefaultSelector()
         sel.register(self._listener, selectors.EVENT_READ)
+        expect_until = 0.0              # an Expect came: poll, do not sleep, until then
         try:
             while not self._stop.is_set():
-                for key, _ in sel.select(POLL_MS / 1000):
+                polling = time.monotonic() < expect_until
+                ready = sel.select(0 if polling else POLL_MS / 1000)
+                if not ready and polling:
+                    os.sched_yield()
+                    continue
+                for key, _ in ready:
                     if key.fileobj is self._listener:
                         conn, _ = self._listener.accept()
                         sel.register(conn, selectors.EVENT_READ)
-                    elif not self._serve_one(key.fileobj):
+                        continue
+                    served = self._serve_one(key.fileobj)
+                    if served is _Served.EXPECT:
+                        expect_until = time.monotonic() + EXPECT_S
+                    elif served is _Served.ANSWERED:
+                        expect_until = 0.0
+                    else:
                         sel.unregister(key.fileobj)
                         key.fileobj.close()
         finally:
@@ -117,33 +148,36 @@ class RankChannelServer:
                 key.fileobj.close()
             sel.close()
 
-    def _serve_one(self, conn: socket.socket) -> bool:
-        """Answer one frame; False when the connection is over (closed, or not ours)."""
+    def _serve_one(self, conn: socket.socket) -> "_Served":
+        """Answer one frame (an Expect is answered by nothing); CLOSED when the connection
+        is over (closed, or not ours)."""
         try:
             seq, body = recv_frame(conn)
         except (ChannelClosed, OSError):
-            return False
+            return _Served.CLOSED
         try:
             request = _requests.decode(body)
         except msgspec.DecodeError:
             log.warning("rank channel: dropped a frame that is no RankRequest")
-            return True                     # nothing to answer; the node's wait times out
+            return _Served.ANSWERED         # nothing to answer; the node's wait times out
+        if isinstance(request, Expect):
+            return _Served.EXPECT           # answered by nothing
         try:
             reply = self._handle(request)
         except Exception:                   # a handler reports its failures; this is a bug
             log.exception("rank channel: handler failed")
-            return True                     # the node's wait times out and says so
+            return _Served.ANSWERED         # the node's wait times out and says so
         try:
             send_frame(conn, seq, msgspec.msgpack.encode(reply))
         except OSError:
-            return False                    # the node is gone
+            return _Served.CLOSED           # the node is gone
         finally:
             if self._after_reply is not None:
                 try:
                     self._after_reply()
                 except Exception:
                     log.exception("rank channel: after_reply failed")
-        return True
+        return _Served.ANSWERED
 
     def close(self) -> None:
         self._stop.set()
@@ -196,6 +230,15 @@ class RankChannel:
         that answered within timeout_s. `check_alive` runs between polls (it raises if a
         rank's process died)."""
         return self.collect(self.send(request, ranks), reply_type, timeout_s, check_alive)
+
+    def expect(self) -> None:
+        """Tell the remote ranks a request follows shortly (Expect): no reply, no seq."""
+        body = msgspec.msgpack.encode(Expect())
+        for rank in sorted(set(self._socks) - self._lost):
+            try:
+                send_frame(self._socks[rank], 0, body)
+            except OSError:
+                self._lose(rank)
 
     def send(self, request: RankRequest, ranks: list[int] | None = None) -> "Asked":
         """The first half of call_all: `request` to the remote ranks (every rank, or those in

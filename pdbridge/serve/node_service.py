@@ -237,6 +237,9 @@ class NodeService:
                 if stream.cancelled:
                     return True             # the client left while it waited
                 waited_s = time.perf_counter() - t0
+                early = self._may_send_early(node, req)
+                if early:
+                    node.channel.expect()   # the remote ranks wake while this allocates
                 try:
                     handle = node.allocate(req.prompt_ids, sampling)
                 except EngineFull:
@@ -245,7 +248,7 @@ class NodeService:
                     stream.fail(e)
                     return True
                 self._queue_transfer(node, _Queued(handle, req, stream, t0, waited_s,
-                                                   time.perf_counter()))
+                                                   time.perf_counter()), early)
                 return True
             if self._backlog or not attempt():
                 self._backlog.append((attempt, stream))
@@ -254,18 +257,24 @@ class NodeService:
         async for event in self._run(start, stream, now=True):
             yield event
 
-    def _queue_transfer(self, node: DecodeNode, q: "_Queued") -> None:
-        """On the thread holding the engine, the request's blocks allocated: queue its
-        transfer for the transfer thread. When that thread has nothing queued or running,
-        the rank channel is free: the request's Pull goes to the remote decode ranks from
-        here, now (DecodeNode.start_pull), and the transfer thread, once awake, runs rank 0's
-        part and collects (issue 10: the remote ranks no longer wait for that thread's
-        wakeup). Not where checksums fetch digests first, or the prefill layout is not
-        known yet (either asks another server)."""
+    def _may_send_early(self, node: DecodeNode, req: wire.TransferRequest) -> bool:
+        """On the thread holding the engine: whether the rank channel is free (no transfer
+        job queued or running; only this thread adds one, so it stays free until it does)
+        and the request's Pull needs no other server first (checksums fetch digests; an
+        unknown prefill layout needs a handshake)."""
         with self._jobs_lock:
             free = self._jobs == 0
+        return free and not node.checksums and node.knows_layout(req.params)
+
+    def _queue_transfer(self, node: DecodeNode, q: "_Queued", early: bool) -> None:
+        """On the thread holding the engine, the request's blocks allocated: queue its
+        transfer for the transfer thread. `early` (_may_send_early, asked before the
+        allocation): the request's Pull goes to the remote decode ranks from here, now
+        (DecodeNode.start_pull), and the transfer thread, once awake, runs rank 0's part
+        and collects (issue 10: the remote ranks do not wait for that thread's wakeup)."""
+        with self._jobs_lock:
             self._jobs += 1
-        if free and not node.checksums and node.knows_layout(q.req.params):
+        if early:
             job = self._pull_job(node, q)
             if not isinstance(job, str):
                 q = dataclasses.replace(q, started=node.start_pull(job))

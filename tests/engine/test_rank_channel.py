@@ -201,3 +201,30 @@ def test_remote_replies_are_taken_while_the_node_polls_and_after(delay_s):
     finally:
         channel.close()
         remote.server.close()
+
+
+def test_an_expect_is_answered_by_nothing_and_the_next_request_as_ever():
+    """Expect (a request follows): the rank's handler never sees it and nothing comes back
+    on the connection; the request after it, and any later one, is answered as usual,
+    within or after the rank's polling window."""
+    from pdbridge.engine.rank_channel import EXPECT_S
+    rank = _Rank(0)
+    channel = RankChannel([rank.server.endpoint])
+    try:
+        channel.expect()
+        sock = channel._socks[0]
+        sock.settimeout(0.2)
+        with pytest.raises(socket.timeout):
+            sock.recv(1)                                # no reply to an Expect
+        sock.settimeout(None)
+        assert rank.seen == []
+        channel.expect()
+        got = channel.call_all(_choose(Strategy.STAGING), StrategyChoice, 5.0)
+        assert got[0].strategy is Strategy.STAGING
+        channel.expect()
+        time.sleep(2 * EXPECT_S)                        # the window passed: it sleeps again
+        got = channel.call_all(_choose(Strategy.DIRECT), StrategyChoice, 5.0)
+        assert got[0].strategy is Strategy.DIRECT and len(rank.seen) == 2
+    finally:
+        channel.close()
+        rank.server.close()
