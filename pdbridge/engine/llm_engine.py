@@ -373,10 +373,10 @@ class Engine:
         return self._requests[request_id]
 
     def _new_request(self, prompt_ids, sampling: SamplingParams, imported: bool = False) -> Request:
-        ids = tuple(int(t) for t in prompt_ids)
+        ids = tuple(map(int, prompt_ids))
         vocab = self.spec.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
+        if ids and (min(ids) < 0 or max(ids) >= vocab):     # C loops: a decode server
+            bad = [t for t in ids if not 0 <= t < vocab]    # allocates on its handler's path
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
         return Request(next(self._ids), ids, sampling, imported=imported)
 
