@@ -11,17 +11,9 @@ from pdbridge.plan import PlanCache, RequestBlocks, Strategy, plan_transfer
 from pdbridge.plan.block_table import COUNT, NBYTES, OFFSET, REGION, STRIDE
 from pdbridge.spec import CacheConfig, EngineLayout, get_preset
 
-from test_plan_cache import _random_blocks
+from test_plan_cache import LAYOUT_PAIRS, _random_blocks
 
-PAIRS = [
-    ("nemotron-h-8b", 1, 2, {}),
-    ("nemotron-h-8b", 3, 2, {"kernel_block_tokens": 8, "block_tokens": 32}),
-    ("granite-4.0-h-small", 2, 4, {"conv_layout": "SD"}),
-    ("jamba-mini-1.5", 1, 2, {"attn_layout": "heads_across_blocks"}),
-    ("qwen3-next-80b-a3b", 1, 4, {"layer_interleave": True}),
-    ("lfm2-1.2b", 2, 1, {}),
-    ("falcon-h1-7b", 2, 2, {}),
-]
+PAIRS = LAYOUT_PAIRS + [("falcon-h1-7b", 2, 2, {})]
 
 
 def _plan_runs(plan):

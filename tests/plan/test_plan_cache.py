@@ -171,14 +171,18 @@ def test_moved_runs_are_the_assembled_runs(preset, p_tp, d_tp, cfg):
         kept.src_offset[0] += 1
 
 
-@pytest.mark.parametrize("preset,p_tp,d_tp,cfg", [
+# Layout pairs whose direct reads are assembled (test_block_table.py reads them too).
+LAYOUT_PAIRS = [
     ("nemotron-h-8b", 1, 2, {}),
     ("nemotron-h-8b", 3, 2, {"kernel_block_tokens": 8, "block_tokens": 32}),
     ("granite-4.0-h-small", 2, 4, {"conv_layout": "SD"}),
     ("jamba-mini-1.5", 1, 2, {"attn_layout": "heads_across_blocks"}),
     ("qwen3-next-80b-a3b", 1, 4, {"layer_interleave": True}),
     ("lfm2-1.2b", 2, 1, {}),
-])
+]
+
+
+@pytest.mark.parametrize("preset,p_tp,d_tp,cfg", LAYOUT_PAIRS)
 def test_packed_direct_plans_are_the_assembled_direct_plans(preset, p_tp, d_tp, cfg):
     """direct_plan() (one matrix, the path a pull takes for `direct`) against its reference,
     plan_from_direct over direct()'s runs: the same plan for every token count (tails, whole
