@@ -222,6 +222,7 @@ class RankChannel:
             raise
         self._lost: set[int] = set()        # ranks whose connection closed
         self._seq = 0
+        self._after_work: Callable[[], None] | None = None      # collect's, left pending
 
     def call_all(self, request: RankRequest, reply_type: type, timeout_s: float,
                  check_alive: Callable[[], None] = lambda: None,
@@ -229,7 +230,9 @@ class RankChannel:
         """Send `request` to every rank (or those in `ranks`); rank -> its reply, for those
         that answered within timeout_s. `check_alive` runs between polls (it raises if a
         rank's process died)."""
-        return self.collect(self.send(request, ranks), reply_type, timeout_s, check_alive)
+        replies = self.collect(self.send(request, ranks), reply_type, timeout_s, check_alive)
+        self.run_after_work()
+        return replies
 
     def expect(self) -> None:
         """Tell the remote ranks a request follows shortly (Expect): no reply, no seq."""
@@ -245,6 +248,7 @@ class RankChannel:
         `ranks`), now; `collect` runs rank 0's part (local) and gathers the replies. A node
         sends as soon as it can (the remote ranks start while it goes on) and collects on
         its transfer thread; nothing else may use the channel in between."""
+        self.run_after_work()
         self._seq += 1
         body = msgspec.msgpack.encode(request)
         asked = frozenset(range(self._ranks) if ranks is None else ranks)
@@ -302,8 +306,9 @@ class RankChannel:
                     replies[rank] = msgspec.msgpack.decode(data, type=reply_type)
             if asked - replies.keys():
                 check_alive()
-        if after is not None:
-            self._run_after(after)          # every answer is in: the local rank's after-work
+        # Every answer is in before rank 0's after-work ran: it waits for the caller
+        # (run_after_work: the node's stage clock is read first), or the next send.
+        self._after_work = after
         if asked & self._lost:
             check_alive()                   # a closed connection: did the process die?
         return replies
@@ -324,6 +329,14 @@ class RankChannel:
         replies[0] = reply
         return self._local.after_reply
 
+    def run_after_work(self) -> None:
+        """Rank 0's after-work (its ReadDone notifications) that collect left pending
+        because every reply was in first; the caller runs it once it has read its clocks.
+        send and close run it too, so it is never skipped."""
+        after, self._after_work = self._after_work, None
+        if after is not None:
+            self._run_after(after)
+
     @staticmethod
     def _run_after(after: Callable[[], None]) -> None:
         try:
@@ -338,6 +351,7 @@ class RankChannel:
             self._sel.unregister(self._socks[rank])
 
     def close(self) -> None:
+        self.run_after_work()
         self._sel.close()
         for sock in self._socks.values():
             sock.close()

@@ -292,13 +292,15 @@ class DecodeNode:
             raise out
         return out
 
-    def pull_results_many(self, jobs: list["PullJob"]
+    def pull_results_many(self, jobs: list["PullJob"], defer_after_work: bool = False
                           ) -> list[tuple[PullResult, ...] | BaseException]:
         """pull_results of several requests, their first pulls in one round trip to each
         rank (PullBatch: the reads of all of them in flight together); what needs a second
         pull (permute, prepared after the first) goes alone. Per job: its results, or the
         ValueError / TransferRefused pull_results would raise for it. EngineError (a rank's
-        process died) is raised: it fails every job."""
+        process died) is raised: it fails every job. `defer_after_work`: rank 0's ReadDone
+        notifications may still be pending (run_after_work), for a caller that first reads
+        its clocks."""
         out: list = []
         for job in jobs:
             try:
@@ -309,7 +311,14 @@ class DecodeNode:
         answers = self._pull_all([r.pull for _, r in firsts])
         for (i, first), results in zip(firsts, answers):
             out[i] = self._then_prepared(first, results)
+        if not defer_after_work:
+            self.run_after_work()
         return out
+
+    def run_after_work(self) -> None:
+        """Rank 0's ReadDone notifications left pending by the last collect (its replies
+        were all in first): RankChannel.run_after_work."""
+        self.channel.run_after_work()
 
     def knows_layout(self, params: TransferParams) -> bool:
         """Whether the request's prefill layout is here already (no handshake to ask it)."""
@@ -327,17 +336,20 @@ class DecodeNode:
             return StartedPull(None, None, first)
         return StartedPull(first, self.channel.send(first.pull), None)
 
-    def finish_started(self, started: "StartedPull"
+    def finish_started(self, started: "StartedPull", defer_after_work: bool = False
                        ) -> tuple[PullResult, ...] | BaseException:
         """After start_pull: the job's results, or the ValueError / TransferRefused
         pull_results would raise (pull_results_many's per-job outcome). EngineError (a
-        rank's process died) is raised."""
+        rank's process died) is raised. `defer_after_work`: as pull_results_many's."""
         if started.ask is None:
             return started.outcome
         timeout_s = 2 * self.pull_timeout_s + CHANNEL_SLACK_S
         replies = self._collect(started.ask, PullResult, timeout_s)
-        return self._then_prepared(started.first, self._answers(replies, started.ask.asked,
-                                                                timeout_s))
+        out = self._then_prepared(started.first, self._answers(replies, started.ask.asked,
+                                                               timeout_s))
+        if not defer_after_work:
+            self.run_after_work()
+        return out
 
     def _probe_nbytes(self) -> int:
         """This pull's Pull.probe_nbytes (probe_every): the bytes of the last pull's slowest

@@ -303,13 +303,18 @@ class NodeService:
             verdicts = self._pull_results(self.node, batch)
         except BaseException as e:              # EngineError: a rank died, all fail
             verdicts = [e] * len(batch)
-        for q, verdict in zip(batch, verdicts):
-            seconds = time.perf_counter() - q.t0    # the state is in place (or it failed)
-            waited_s = q.waited_s + now - q.t_submit
-            fut = self.loop.call(lambda n, q=q, v=verdict, s=seconds, w=waited_s:
-                                 self._finish(n, q.handle, q.stream, v, s, w))
-            fut.add_done_callback(lambda f, q=q: f.exception() is not None
-                                  and q.stream.fail(f.exception()))
+        try:
+            for q, verdict in zip(batch, verdicts):
+                seconds = time.perf_counter() - q.t0    # the state is in place (or it failed)
+                waited_s = q.waited_s + now - q.t_submit
+                fut = self.loop.call(lambda n, q=q, v=verdict, s=seconds, w=waited_s:
+                                     self._finish(n, q.handle, q.stream, v, s, w))
+                fut.add_done_callback(lambda f, q=q: f.exception() is not None
+                                      and q.stream.fail(f.exception()))
+        finally:
+            # Rank 0's ReadDone notifications, after the stage's clocks (they free the
+            # prefill side's blocks; nothing here waits for them).
+            self.node.run_after_work()
 
     def _pull_results(self, node: DecodeNode, batch: list["_Queued"]) -> list:
         """Per request: the ranks' PullResults, or why the prefill side's part failed before
@@ -321,7 +326,7 @@ class NodeService:
         jobs, where = [], []
         for i, q in enumerate(batch):
             if q.started is not None:           # sent already: collected before any send
-                verdicts[i] = node.finish_started(q.started)
+                verdicts[i] = node.finish_started(q.started, defer_after_work=True)
                 continue
             job = self._pull_job(node, q)
             if isinstance(job, str):
@@ -329,7 +334,7 @@ class NodeService:
             else:
                 jobs.append(job)
                 where.append(i)
-        for i, out in zip(where, node.pull_results_many(jobs)):
+        for i, out in zip(where, node.pull_results_many(jobs, defer_after_work=True)):
             verdicts[i] = out
         return verdicts
 

@@ -228,3 +228,32 @@ def test_an_expect_is_answered_by_nothing_and_the_next_request_as_ever():
     finally:
         channel.close()
         rank.server.close()
+
+
+def test_rank_0s_after_work_waits_for_the_caller_when_every_reply_is_in_first():
+    """collect: when the remote replies are in by the time rank 0's part ends, rank 0's
+    after-work (a decode rank's ReadDone) is left for the caller, which reads its clocks
+    first (run_after_work); the next send runs it if the caller did not; it runs once."""
+    from pdbridge.engine.rank_channel import LocalRank
+    remote, after = _Rank(1), []
+
+    def handle(req):
+        time.sleep(0.2)                 # the remote reply is in long before this returns
+        return StrategyChoice(0, req.strategy)
+    unused = _Rank(0)
+    channel = RankChannel([unused.server.endpoint, remote.server.endpoint],
+                          LocalRank(handle, lambda: after.append(1)))
+    try:
+        got = channel.collect(channel.send(_choose()), StrategyChoice, 5.0)
+        assert got.keys() == {0, 1} and after == []
+        channel.run_after_work()
+        channel.run_after_work()
+        assert after == [1]
+        channel.collect(channel.send(_choose()), StrategyChoice, 5.0)
+        assert after == [1]
+        channel.send(_choose(), ranks=[1])          # the next send runs what was left
+        assert after == [1, 1]
+    finally:
+        channel.close()
+        remote.server.close()
+        unused.server.close()
