@@ -320,6 +320,11 @@ class DecodeNode:
         were all in first): RankChannel.run_after_work."""
         self.channel.run_after_work()
 
+    def expect(self) -> None:
+        """Tell the remote ranks a Pull follows shortly (RankChannel.expect): they poll for
+        it rather than sleep. Only where nothing else uses the rank channel meanwhile."""
+        self.channel.expect()
+
     def knows_layout(self, params: TransferParams) -> bool:
         """Whether the request's prefill layout is here already (no handshake to ask it)."""
         return params.layout_digest in self._prefill_layouts

@@ -239,7 +239,7 @@ class NodeService:
                 waited_s = time.perf_counter() - t0
                 early = self._may_send_early(node, req)
                 if early:
-                    node.channel.expect()   # the remote ranks wake while this allocates
+                    node.expect()           # the remote ranks wake while this allocates
                 try:
                     handle = node.allocate(req.prompt_ids, sampling)
                 except EngineFull:
