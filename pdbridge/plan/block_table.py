@@ -52,7 +52,7 @@ class BlockRows:
         the reference expansion of what make_prepped_xfer pairs."""
         sides = []
         for rows, idx in ((self.remote, indices[0]), (self.local, indices[1])):
-            first = np.concatenate(([0], np.cumsum(rows[:, COUNT])[:-1]))
+            first = _row_starts(rows)
             row = np.searchsorted(first, idx, side="right") - 1
             sides.append((row, rows[row, REGION], rows[row, OFFSET] +
                           (idx - first[row]) * rows[row, STRIDE], rows[row, NBYTES]))
@@ -65,8 +65,9 @@ class BlockRows:
                        self.group[row].astype(np.int32))
 
     @property
-    def entries(self) -> int:
-        return int(self.remote[:, COUNT].sum())
+    def entries(self) -> tuple[int, int]:
+        """Entries of all rows: (remote, local); an index pair stays below these."""
+        return int(self.remote[:, COUNT].sum()), int(self.local[:, COUNT].sum())
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,7 @@ class BlockTable:
             for a in (rows.remote, rows.local, rows.group):
                 a.flags.writeable = False
             # Row starts per side: whole-block runs (2, Rf), token rows (2, Rk, bt), state (2, Rs)
-            starts = np.stack([np.concatenate(([0], np.cumsum(r[:, COUNT])[:-1])) for r in sides])
+            starts = np.stack([_row_starts(r) for r in sides])
             nf, nk = len(f), len(k) * bt
             self._sources.append((rows, starts[:, :nf], starts[:, nf:nf + nk].reshape(2, len(k), bt),
                                   starts[:, nf + nk:],
@@ -165,6 +166,11 @@ class BlockTable:
                        ).astype(np.int32)
                 out.append((rows, idx, nbytes))
         return BlockReads(tuple(out))
+
+
+def _row_starts(rows: np.ndarray) -> np.ndarray:
+    """Each row's first entry index in its prepared list."""
+    return np.concatenate(([0], np.cumsum(rows[:, COUNT])[:-1]))
 
 
 def _rows(region, offset, nbytes, stride, count: int) -> np.ndarray:

@@ -275,8 +275,7 @@ class NixlTransport:
                 for done in lists:
                     _quietly(self._agent.release_dlist_handle, done)
                 raise TransferError(f"preparing rows for {peer}: {_err(e)}") from None
-        return _PreparedRows(lists[0], lists[1], np.array(
-            [int(rows.remote[:, COUNT].sum()), int(rows.local[:, COUNT].sum())], np.int64))
+        return _PreparedRows(lists[0], lists[1], np.array(rows.entries, np.int64))
 
     def indices(self, peer: str, reads: ReadList) -> tuple[np.ndarray, np.ndarray]:
         """(remote, local) chunk indices of a read list; exposed for the benchmark."""
