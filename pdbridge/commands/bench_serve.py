@@ -8,7 +8,8 @@ and the peak resident memory of each deployment's processes (servers and TP work
 together).
 
 The transfer stage is reported two ways, side by side: end to end (the decode server: request
-received -> its state in place, i.e. every rank's pull returned: waiting for the engine loop
+received, or for a request the router announced the word that its prefill was computed ->
+its state in place, i.e. every rank's pull returned: waiting for the engine loop
 and the transfer thread, the prefill side's part where a rank needs one, the pulls over the
 rank channel), with the part spent waiting (for the engine loop and the transfer thread:
 steps, earlier transfers); and the decode ranks' own pull (the slowest rank: plan, metadata,
@@ -379,8 +380,8 @@ def format_table(res: dict) -> str:
                  + (f", {pd['bare_read_idle_s'] * 1e3:.3f} ms each after "
                     f"{pd['idle_gap_s'] * 1e3:.0f} ms idle (the run's mean gap between "
                     f"requests)" if idle else "") + f" (recomputed: {pd['recomputed']})")
-    lines.append(f"transfer stage, end to end (decode server: request received -> state in "
-                 f"place; the plain requests): mean {pd['transfer_s_mean'] * 1e3:.2f} ms, "
+    lines.append(f"transfer stage, end to end (decode server: request received, or announced "
+                 f"its prefill's word -> state in place; the plain requests): mean {pd['transfer_s_mean'] * 1e3:.2f} ms, "
                  f"median {pd['transfer_s_p50'] * 1e3:.2f} ms; {ratios('transfer')}; of the "
                  f"mean, waiting (engine loop, transfer thread) "
                  f"{pd['transfer_queued_s_mean'] * 1e3:.2f} ms")

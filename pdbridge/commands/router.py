@@ -21,8 +21,17 @@ def add_arguments(parser) -> None:
                              "(default 120)")
     parser.add_argument("--wait-s", type=float, default=600.0, metavar="S",
                         help="how long to wait for the servers to answer at start (default 600)")
+    add_announce_argument(parser)
     parser.add_argument("--log-level", default="warning",
                         choices=("critical", "error", "warning", "info", "debug"))
+
+
+def add_announce_argument(parser) -> None:
+    parser.add_argument("--no-announce", dest="announce", action="store_false",
+                        help="hand a request to its decode server only once its prefill is "
+                             "computed (default: as soon as its prefill server announces "
+                             "its blocks, just before its last prefill step, so the decode "
+                             "server allocates and plans its reads while that step runs)")
 
 
 def urls(text: str, flag: str) -> list[str]:
@@ -44,13 +53,14 @@ def run(args) -> int:
         print(f"{prog}: --timeout-s must be > 0, got {args.timeout_s}", file=sys.stderr)
         return 2
     return run_router(pre, dec, args.host, args.port, args.timeout_s, args.wait_s,
-                      args.log_level, prog)
+                      args.log_level, prog, args.announce)
 
 
-def run_router(pre, dec, host, port, timeout_s, wait_s, log_level, prog) -> int:
+def run_router(pre, dec, host, port, timeout_s, wait_s, log_level, prog,
+               announce: bool = True) -> int:
     from pdbridge.commands.serve import serve_app
     from pdbridge.serve.http_router import PDBackend, RouterConfigError, build_router_app
-    backend = PDBackend(pre, dec, timeout_s=timeout_s)
+    backend = PDBackend(pre, dec, timeout_s=timeout_s, announce=announce)
     app = build_router_app(backend)
     try:
         return serve_app(app, host, port, log_level, prog,

@@ -62,6 +62,11 @@ def add_arguments(parser) -> None:
                              "kept apart): the floor `pdbridge bench serve` divides the "
                              "transfer stage by, on the same agents and cores at the same "
                              "moment (default 0: never)")
+    parser.add_argument("--prefill-wait-s", type=float, default=300.0, metavar="S",
+                        help="decode: how long a request the router announced before its "
+                             "prefill was computed (its blocks allocated, its reads planned) "
+                             "waits for the word that it was, before the failure policy "
+                             "(--on-failure) takes it (default 300)")
     parser.add_argument("--log-level", default="warning",
                         choices=("critical", "error", "warning", "info", "debug"),
                         help="uvicorn's log level (default warning)")
@@ -77,6 +82,8 @@ def check(args) -> str:
         return f"--port must be in 1..65535, got {args.port}"
     if args.lease_s <= 0 or args.pull_timeout_s <= 0:
         return "--lease-s and --pull-timeout-s must be > 0"
+    if not args.prefill_wait_s > 0:
+        return f"--prefill-wait-s must be > 0, got {args.prefill_wait_s}"
     if args.pull_batch < 1:
         return f"--pull-batch must be >= 1, got {args.pull_batch}"
     if args.floor_probe < 0:
@@ -123,7 +130,7 @@ def run(args) -> int:
                         lease_s=args.lease_s, pull_timeout_s=args.pull_timeout_s,
                         checksums=args.checksums, pull_batch=args.pull_batch,
                         side_channel_host=args.side_channel_host or args.host, cpus=cpus,
-                        probe_every=args.floor_probe)
+                        probe_every=args.floor_probe, prefill_wait_s=args.prefill_wait_s)
     placed = "ranks on CPUs " + " | ".join(format_cpu_list(rank_cpus(cpus, args.tp, r))
                                            for r in range(args.tp)) if cpus else \
         "ranks on any CPU: --cpu-affinity off"

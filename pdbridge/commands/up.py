@@ -46,6 +46,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--floor-probe", type=int, default=0, metavar="K",
                         help="decode servers: every K-th pull first times a bare NIXL read "
                              "(`pdbridge serve --floor-probe`; default 0: never)")
+    from pdbridge.commands.router import add_announce_argument
+    add_announce_argument(parser)
     parser.add_argument("--log-level", default="warning",
                         choices=("critical", "error", "warning", "info", "debug"))
 
@@ -179,6 +181,6 @@ def run(args) -> int:
               file=sys.stderr, flush=True)
         from pdbridge.commands.router import run_router
         return run_router([url(prefill_port)], [url(p) for *_, p in servers[1:]], args.host,
-                          args.port, args.timeout_s, 60.0, args.log_level, prog)
+                          args.port, args.timeout_s, 60.0, args.log_level, prog, args.announce)
     finally:
         children.stop()

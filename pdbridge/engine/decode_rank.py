@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections import OrderedDict
 from typing import Any
 
+import msgspec
 import numpy as np
 
 from pdbridge.plan import PlanCache, RequestBlocks, SCRATCH, Strategy, TransferPlan
@@ -30,8 +32,9 @@ from pdbridge.transport.transport import ReadList
 
 from . import checksums
 from .lease_keeper import LeaseKeeper
-from .pd_calls import (AwaitPush, ChooseStrategy, PDRankInfo, PDSetup, Pull, PullBatch,
-                       PullBatchResult, PullPhases, PullResult, RankRequest, StrategyChoice)
+from .pd_calls import (AwaitPush, ChooseStrategy, PDRankInfo, PDSetup, PlanAhead, PlannedAhead,
+                       Pull, PullBatch, PullBatchResult, PullPhases, PullResult, RankRequest,
+                       StrategyChoice)
 from .pd_push import PushInbox
 from .pd_rank import RankBase
 from .rank_channel import LocalRank, RankChannelServer
@@ -47,6 +50,9 @@ class DecodeRank(RankBase):
         self.inbox = PushInbox(self.rank, self.layout, self._layout, self.caches.region_buffers)
         self.leases = LeaseKeeper(self.engine_id, self.rank, self.key)
         self._read_done: list[tuple[str, list[int], bytes]] = []    # (engine, ranks, msg)
+        # Plans made ahead (PlanAhead) by request id, for their Pulls: bounded, as a request
+        # the router gave up on is never pulled (nothing is posted or leased before its Pull).
+        self._ahead: OrderedDict[str, _Pending] = OrderedDict()
         self.channel = RankChannelServer(f"{self.engine_id}-{self.rank}", self._serve,
                                          after_reply=self._send_read_done)
         if call.transfer_mode == "push":    # writes land here: progress the passive side
@@ -123,14 +129,54 @@ class DecodeRank(RankBase):
             results[i] = self._end(pending)
         return PullBatchResult(self.rank, results)
 
+    def plan_ahead(self, call: PlanAhead) -> PlannedAhead:
+        """Plan each pull and fetch its source ranks' metadata now (_begin without posting),
+        kept for its Pull, which _begin then serves from it. A pull that fails here, or
+        needs the prefill side to prepare, keeps nothing: its Pull plans it again and
+        reports that."""
+        planned = 0
+        for pull in call.pulls:
+            pending = self._begin(msgspec.structs.replace(pull, probe_nbytes=0), post=False)
+            if isinstance(pending, _Pending) and pending.error is None:
+                self._ahead[pull.request_id] = pending
+                self._ahead.move_to_end(pull.request_id)
+                planned += 1
+        while len(self._ahead) > MAX_AHEAD:
+            self._ahead.popitem(last=False)
+        return PlannedAhead(self.rank, planned)
+
+    def _planned_ahead(self, call: Pull) -> "_Pending | None":
+        """The plan made ahead for this Pull's request, if it was made from the very inputs
+        the plan depends on (the prefill engine, layout, endpoints and blocks, this rank's
+        blocks, the strategies and scratch bases; not the deadlines, the probe or the
+        checksums, and the layout whether sent whole or named by its digest)."""
+        ahead = self._ahead.pop(call.request_id, None)
+        if ahead is None:
+            return None
+        a = ahead.call
+        same = (a.prefill_engine_id == call.prefill_engine_id and a.endpoints == call.endpoints
+                and a.prefill_blocks == call.prefill_blocks
+                and a.decode_blocks == call.decode_blocks and a.strategy == call.strategy
+                and a.strategies == call.strategies and a.scratch_bases == call.scratch_bases
+                and (a.checksums is None) == (call.checksums is None)
+                and ahead.prefill.digest == call.prefill_layout.get("digest"))
+        return ahead if same else None
+
     def _begin(self, call: Pull, post: bool = True) -> "_Pending | PullResult":
         """Plan, fetch the source ranks' metadata, and (post) submit the reads; a finished
-        (failed, or needs_prepare) PullResult when it cannot go on."""
+        (failed, or needs_prepare) PullResult when it cannot go on. A plan made ahead from
+        the same inputs (plan_ahead) is taken instead."""
         probe = self._probe(call) if call.probe_nbytes > 0 else None
         pending = _Pending(call, time.perf_counter())
         phases = pending.phases
         if probe is not None:
             phases.probe_s, phases.probe_nbytes = probe
+        ahead = self._planned_ahead(call) if self._ahead else None
+        if ahead is not None:
+            pending.prefill, pending.sources = ahead.prefill, ahead.sources
+            pending.plan, pending.reads = ahead.plan, ahead.reads
+            phases.planned_ahead, phases.block_rows = True, ahead.reads is not None
+            return self._post(pending) if post else pending
         plan: TransferPlan | None = None
         try:
             prefill = self._layout(call.prefill_layout)
@@ -299,6 +345,9 @@ class DecodeRank(RankBase):
         self._send_read_done()      # what a reply that failed to go out left queued
         self.leases.close()
         super().close()
+
+
+MAX_AHEAD = 256             # plans kept for their Pulls (DecodeRank._ahead)
 
 
 @dataclasses.dataclass

@@ -172,6 +172,22 @@ class PullBatch(RankRequest):
     pulls: list[Pull]
 
 
+class PlanAhead(RankRequest):
+    """Decode ranks: plan these pulls now and keep each plan, its source ranks' metadata
+    fetched, for the Pull of the same request, which then only reads (DecodeRank.plan_ahead):
+    sent while the prefill engine still computes the request, so planning is off the
+    transfer's path. It reads nothing and fails nothing: a pull that cannot be planned here
+    is planned (and failed) by its Pull as usual, and a Pull whose inputs differ from what was
+    planned ahead plans afresh."""
+    handler: ClassVar[str] = "plan_ahead"
+    pulls: list[Pull]
+
+
+class PlannedAhead(msgspec.Struct):
+    rank: int
+    planned: int                            # of PlanAhead.pulls, the plans kept
+
+
 class PullPhases(msgspec.Struct):
     """One decode rank's pull, piece by piece (seconds on that rank)."""
     plan_s: float = 0.0                     # plan_transfer (or the block rows' indices), or
@@ -183,6 +199,7 @@ class PullPhases(msgspec.Struct):
     plan_cached: bool = False
     block_rows: bool = False                # read through the layout pair's block rows
                                             # (direct, PlanCache.block_reads), no plan made
+    planned_ahead: bool = False             # planned (and peers fetched) by a PlanAhead
     probe_s: float = 0.0                    # Pull.probe_nbytes: the bare read + notification,
     probe_nbytes: int = 0                   # before the pull (not in its seconds); 0: none
 

@@ -3,9 +3,9 @@
 Worker calls (Engine.call) move every rank in lockstep through the TP group's control
 collectives: four gloo collectives a call (~1.4 ms at TP=2 measured here), and only between
 model steps. A pull needs neither: each rank plans and reads for itself. So each DecodeRank
-serves RankRequests (pd_calls: ChooseStrategy, Pull, PullBatch) on a socket of its own, from a
-thread of its own, and the node sends one request to every rank and collects one reply from
-each.
+serves RankRequests (pd_calls: ChooseStrategy, Pull, PullBatch, PlanAhead) on a socket of its
+own, from a thread of its own, and the node sends one request to every rank and collects one
+reply from each.
 
 Wire: a Unix stream socket in a directory only this user can enter (mkdtemp, mode 0700): no
 TCP listener, and the file system, not a key, decides who may connect. A frame is a header
@@ -37,7 +37,7 @@ from typing import Callable, ClassVar, NamedTuple, Union
 
 import msgspec
 
-from .pd_calls import ChooseStrategy, Pull, PullBatch, RankRequest
+from .pd_calls import ChooseStrategy, PlanAhead, Pull, PullBatch, RankRequest
 
 log = logging.getLogger(__name__)
 POLL_MS = 50                # the node's wait: how often it checks the ranks are alive;
@@ -64,7 +64,12 @@ class Expect(RankRequest):
     handler: ClassVar[str] = ""
 
 
-_requests = msgspec.msgpack.Decoder(Union[ChooseStrategy, Pull, PullBatch, Expect])
+_requests = msgspec.msgpack.Decoder(Union[ChooseStrategy, Pull, PullBatch, PlanAhead, Expect])
+
+
+def encode(request: RankRequest) -> bytes:
+    """A request's body as RankChannel.send sends it."""
+    return msgspec.msgpack.encode(request)
 
 
 class ChannelClosed(ConnectionError):
@@ -243,14 +248,16 @@ class RankChannel:
             except OSError:
                 self._lose(rank)
 
-    def send(self, request: RankRequest, ranks: list[int] | None = None) -> "Asked":
+    def send(self, request: RankRequest, ranks: list[int] | None = None,
+             body: bytes | None = None) -> "Asked":
         """The first half of call_all: `request` to the remote ranks (every rank, or those in
         `ranks`), now; `collect` runs rank 0's part (local) and gathers the replies. A node
         sends as soon as it can (the remote ranks start while it goes on) and collects on
-        its transfer thread; nothing else may use the channel in between."""
+        its transfer thread; nothing else may use the channel in between. `body`: the
+        request encoded already (encode), for a caller that made it ahead."""
         self.run_after_work()
         self._seq += 1
-        body = msgspec.msgpack.encode(request)
+        body = body if body is not None else encode(request)
         asked = frozenset(range(self._ranks) if ranks is None else ranks)
         local = self._local is not None and 0 in asked
         # The remote ranks first: once rank 0 (this process) runs, this thread is busy with

@@ -73,8 +73,11 @@ class BlockRows:
 @dataclass(frozen=True)
 class BlockReads:
     """One request's direct reads on one decode rank: per prefill rank its rows and the
-    (2, n) int32 index pairs into them (row 0 remote, row 1 local), and its bytes."""
+    (2, n) int32 index pairs into them (row 0 remote, row 1 local), and its bytes; and per
+    read its indices' index_bounds, made with them (the transport checks those: no array
+    walked on the transfer's path)."""
     reads: tuple[tuple[BlockRows, np.ndarray, int], ...]    # (rows, indices, nbytes)
+    bounds: tuple[tuple[int, int, int], ...] = ()
 
     strategy = Strategy.DIRECT
 
@@ -165,7 +168,15 @@ class BlockTable:
                 idx = (np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
                        ).astype(np.int32)
                 out.append((rows, idx, nbytes))
-        return BlockReads(tuple(out))
+        return BlockReads(tuple(out), tuple(index_bounds(idx) for _, idx, _ in out))
+
+
+def index_bounds(indices: np.ndarray) -> tuple[int, int, int]:
+    """(2, n) index pairs' least index, and the greatest of each row (0 for none)."""
+    if not indices.shape[1]:
+        return 0, 0, 0
+    hi = indices.max(axis=1).tolist()
+    return int(indices.min()), hi[0], hi[1]
 
 
 def _row_starts(rows: np.ndarray) -> np.ndarray:

@@ -18,6 +18,7 @@ waits for every writer's PushDone, then decodes, or recomputes / fails like a fa
 """
 from __future__ import annotations
 
+import dataclasses
 import enum
 import itertools
 from dataclasses import dataclass
@@ -26,9 +27,11 @@ from typing import Callable
 import msgspec
 
 from pdbridge.engine.llm_engine import Engine, EngineError, RequestHandle
-from pdbridge.engine.pd_calls import (AwaitPush, ChooseStrategy, PDSetup, Pull, PullBatch,
-                                     PullBatchResult, PullResult, PushTarget, StrategyChoice)
+from pdbridge.engine.pd_calls import (AwaitPush, ChooseStrategy, PDSetup, PlanAhead, PlannedAhead,
+                                     Pull, PullBatch, PullBatchResult, PullResult, PushTarget,
+                                     StrategyChoice)
 from pdbridge.engine.rank_channel import Asked, RankChannel
+from pdbridge.engine.rank_channel import encode as channel_encode
 from pdbridge.engine.request import SamplingParams
 from pdbridge.plan import PUSH_STRATEGIES, Strategy, parse_strategy
 from pdbridge.plan.strategies import STAGE_ALIGN
@@ -119,6 +122,12 @@ class PullOutcome:
         return max(probes)
 
     @property
+    def planned_ahead(self) -> bool:
+        """Every rank read from a plan made ahead (DecodeNode.plan_ahead)."""
+        return bool(self.results) and all(r.phases is not None and r.phases.planned_ahead
+                                          for r in self.results)
+
+    @property
     def errors(self) -> list[str]:
         return [f"decode rank {r.rank}: {r.detail}" for r in self.results if not r.ok]
 
@@ -151,6 +160,7 @@ class _FirstPull:
     chosen: dict[int, Strategy]             # rank -> strategy, so far
     bases: dict[int, dict[int, int]]        # prefill rank -> decode rank -> scratch base
     pull: Pull
+    body: bytes | None = None               # the pull encoded (made ahead: plan_ahead)
 
 
 class DecodeNode:
@@ -292,7 +302,8 @@ class DecodeNode:
             raise out
         return out
 
-    def pull_results_many(self, jobs: list["PullJob"], defer_after_work: bool = False
+    def pull_results_many(self, jobs: list["PullJob"], defer_after_work: bool = False,
+                          firsts: "list[_FirstPull | None] | None" = None
                           ) -> list[tuple[PullResult, ...] | BaseException]:
         """pull_results of several requests, their first pulls in one round trip to each
         rank (PullBatch: the reads of all of them in flight together); what needs a second
@@ -300,11 +311,11 @@ class DecodeNode:
         ValueError / TransferRefused pull_results would raise for it. EngineError (a rank's
         process died) is raised: it fails every job. `defer_after_work`: rank 0's ReadDone
         notifications may still be pending (run_after_work), for a caller that first reads
-        its clocks."""
+        its clocks. `firsts`: per job, its first Pull made ahead (plan_ahead) or None."""
         out: list = []
-        for job in jobs:
+        for job, first in zip(jobs, firsts or [None] * len(jobs)):
             try:
-                out.append(self._first_pull(job))
+                out.append(first or self._first_pull(job))
             except (ValueError, TransferRefused) as e:
                 out.append(e)
         firsts = [(i, r) for i, r in enumerate(out) if isinstance(r, _FirstPull)]
@@ -329,17 +340,18 @@ class DecodeNode:
         """Whether the request's prefill layout is here already (no handshake to ask it)."""
         return params.layout_digest in self._prefill_layouts
 
-    def start_pull(self, job: PullJob) -> "StartedPull":
+    def start_pull(self, job: PullJob, first: "_FirstPull | None" = None) -> "StartedPull":
         """pull_results' first half for one job: its Pull sent to the remote ranks now, so
         they read while the caller goes on; finish_started does the rest (rank 0's part,
-        the replies, preparation). Nothing else may use the rank channel in between."""
+        the replies, preparation). Nothing else may use the rank channel in between.
+        `first`: the job's first Pull made ahead (plan_ahead), sent as it is."""
         try:
-            first = self._first_pull(job)
+            first = first or self._first_pull(job)
         except (ValueError, TransferRefused) as e:
             return StartedPull(None, None, e)
         if not isinstance(first, _FirstPull):
             return StartedPull(None, None, first)
-        return StartedPull(first, self.channel.send(first.pull), None)
+        return StartedPull(first, self.channel.send(first.pull, body=first.body), None)
 
     def finish_started(self, started: "StartedPull", defer_after_work: bool = False
                        ) -> tuple[PullResult, ...] | BaseException:
@@ -356,6 +368,38 @@ class DecodeNode:
             self.run_after_work()
         return out
 
+    def plan_ahead(self, jobs: list[PullJob]) -> list["_FirstPull | None"]:
+        """Every decode rank plans these requests' pulls now and keeps the plans (PlanAhead),
+        so that their Pulls, asked later with the same inputs, only read: for requests whose
+        prefill engine still computes them. Per job, its first Pull made now, for
+        start_pull to send as it is once the prefill was computed; None where it could not
+        be planned ahead (a failed handshake, a refusal, a permute that needs the prefill
+        side first: its Pull then plans and reports that). Best effort, and it reads
+        nothing. EngineError if a rank's process died."""
+        firsts: list[_FirstPull | None] = []
+        for job in jobs:
+            try:
+                first = self._first_pull(dataclasses.replace(job, prepare=None), probe=False)
+            except (ValueError, TransferRefused):
+                first = None
+            firsts.append(first if isinstance(first, _FirstPull) else None)
+        pulls = [f.pull for f in firsts if f is not None]
+        if not pulls:
+            return firsts
+        timeout_s = len(pulls) * self.pull_timeout_s + CHANNEL_SLACK_S
+        answers = self._ask_ranks(PlanAhead(pulls), PlannedAhead, timeout_s)
+        if min(answers.get(j, PlannedAhead(j, 0)).planned for j in range(self.tp_size)) < len(pulls):
+            return [None] * len(firsts)     # a rank kept fewer: their Pulls plan as usual
+        # Each rank has the layout now: the Pulls to come name it by its digest.
+        out = []
+        for job, f in zip(jobs, firsts):
+            if f is not None:
+                pull = msgspec.structs.replace(f.pull, prefill_layout={
+                    "digest": job.params.layout_digest}, probe_nbytes=self._probe_nbytes())
+                f = dataclasses.replace(f, job=job, pull=pull, body=channel_encode(pull))
+            out.append(f)
+        return out
+
     def _probe_nbytes(self) -> int:
         """This pull's Pull.probe_nbytes (probe_every): the bytes of the last pull's slowest
         rank, so over a run the probes read the same bytes as the pulls; 0: no probe."""
@@ -364,8 +408,10 @@ class DecodeNode:
         self._pulls += 1
         return self._last_rank_nbytes if self._pulls % self.probe_every == 0 else 0
 
-    def _first_pull(self, job: "PullJob") -> "_FirstPull | tuple[PullResult, ...]":
-        """The job's first Pull, or every rank's failed result when it cannot be asked."""
+    def _first_pull(self, job: "PullJob", probe: bool = True
+                    ) -> "_FirstPull | tuple[PullResult, ...]":
+        """The job's first Pull, or every rank's failed result when it cannot be asked
+        (`probe`: it may carry a floor probe; plan_ahead's never does)."""
         b, params = job.handle.blocks, job.params
         if b.num_tokens != params.num_tokens:
             raise ValueError(f"decode blocks hold {b.num_tokens} tokens, the prefill engine "
@@ -393,7 +439,8 @@ class DecodeNode:
             params.request_id, params.engine_id, prefill_layout, params.endpoints,
             params.prefill_blocks, (b.num_tokens, b.attn_blocks, b.state_block),
             self.strategy, bases, self.pull_timeout_s, job.renew_every_s, chosen,
-            (job.checksums or {}) if self.checksums else None, self._probe_nbytes()))
+            (job.checksums or {}) if self.checksums else None,
+            self._probe_nbytes() if probe else 0))
 
     def _pull_all(self, pulls: list[Pull], ranks: list[int] | None = None
                   ) -> list[dict[int, PullResult]]:

@@ -2,8 +2,12 @@
 
 Per request: the least-loaded decode server is chosen first (the prefill engine must know
 whose ranks will read), then the least-loaded prefill server computes the prompt's first N-1
-tokens and returns its TransferParams, which go to the decode server with the prompt and
-sampling; the decode server pulls the state and streams tokens back through here.
+tokens. It announces the request's TransferParams just before its last prefill step; they go
+to the decode server at once with the prompt and sampling (it allocates, and its ranks plan
+their reads, while that step computes), and the word that the prefill was computed follows
+on the same request body (PrefillComputed); the decode server then pulls the state and
+streams tokens back through here. With `announce=False` (`pdbridge router --no-announce`) the params go to the decode
+server only once computed, in one call.
 
 Every upstream call has a deadline: a dead, stopped or unreachable server is an error
 response (HTTP 502/503 or an error event in a stream), never a hang.
@@ -46,11 +50,13 @@ class PDBackend:
     """The Backend of the OpenAI front over HTTP prefill + decode servers."""
 
     def __init__(self, prefill_urls: list[str], decode_urls: list[str], *,
-                 timeout_s: float = 120.0, connect_timeout_s: float = 5.0):
+                 timeout_s: float = 120.0, connect_timeout_s: float = 5.0,
+                 announce: bool = True):
         if not prefill_urls or not decode_urls:
             raise RouterConfigError("--prefill and --decode each need at least one URL")
         self._urls = ([u.rstrip("/") for u in prefill_urls], [u.rstrip("/") for u in decode_urls])
         self._timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s)
+        self.announce = announce        # decode servers hear of a prefill before it ends
         self.client: httpx.AsyncClient | None = None
         self.prefills: list[Upstream] = []
         self.decodes: list[Upstream] = []
@@ -129,38 +135,89 @@ class PDBackend:
         dec = self._least_loaded(self.decodes)
         dec.in_flight += 1
         try:
-            params, prefill_url = None, ""
-            if len(prompt_ids) >= 2:
-                pre = self._least_loaded(self.prefills)
-                pre.in_flight += 1
-                try:
-                    params = await self._prefill(pre, prompt_ids, dec)
-                finally:
-                    pre.in_flight -= 1
-                if isinstance(params, wire.TokenEvent):     # the prefill failed
-                    yield params
-                    return
-                prefill_url = pre.url
-            body = wire.encode(wire.TransferRequest(prompt_ids, sampling, params, prefill_url))
-            async for ev in self._decode(dec, body):
+            if len(prompt_ids) < 2:     # nothing to prefill: the decode server computes it
+                events = self._decode(dec, wire.encode(wire.TransferRequest(prompt_ids, sampling)))
+            else:
+                events = self._disaggregated(prompt_ids, sampling, dec)
+            async for ev in events:
                 yield ev
         finally:
             dec.in_flight -= 1
 
-    async def _prefill(self, pre: Upstream, prompt_ids, dec: Upstream
-                       ) -> TransferParams | wire.TokenEvent:
-        body = wire.encode(wire.PrefillRequest(prompt_ids, dec.info.engine_id, dec.info.tp_size))
+    async def _disaggregated(self, prompt_ids, sampling: wire.Sampling, dec: Upstream
+                             ) -> AsyncIterator[wire.TokenEvent]:
+        """The prefill server's events go on to the decode server: announced params at once
+        (TransferRequest.computed False), then, on the same request body, the word that they
+        were computed (or why not: the decode server's failure policy takes it);
+        unannounced params once computed. The decode server's tokens come back through
+        here."""
+        pre = self._least_loaded(self.prefills)
+        pre.in_flight += 1
+        events = self._prefill(pre, prompt_ids, dec)
         try:
-            r = await self.client.post(pre.url + "/pd/prefill", content=body,
-                                       headers={"content-type": "application/json"})
-        except httpx.HTTPError as e:
-            return wire.TokenEvent(error=f"unavailable: prefill server {pre.url}: "
-                                         f"{type(e).__name__}: {e}")
-        if r.status_code != 200:
-            return wire.TokenEvent(error=_upstream_error("prefill", pre.url, r))
-        return wire.decode(r.content, TransferParams)
+            first = await anext(events)
+            if first.error is not None:
+                yield wire.TokenEvent(error=first.error)
+                return
+            req = wire.TransferRequest(prompt_ids, sampling, first.params, pre.url,
+                                       computed=first.computed)
+            if first.computed:
+                pre.in_flight -= 1
+                pre = None
+                body = wire.encode(req)
+            else:
+                async def body():
+                    nonlocal pre
+                    yield wire.event_line(req)
+                    last = await anext(events, None)
+                    pre.in_flight -= 1
+                    pre = None
+                    error = "unavailable: the prefill server ended its answer early" \
+                        if last is None else last.error if not last.computed else None
+                    yield wire.event_line(wire.PrefillComputed(first.params.request_id, error))
+            async for ev in self._decode(dec, body if first.computed else body()):
+                yield ev
+        finally:
+            await events.aclose()
+            if pre is not None:
+                pre.in_flight -= 1
 
-    async def _decode(self, dec: Upstream, body: bytes) -> AsyncIterator[wire.TokenEvent]:
+    async def _prefill(self, pre: Upstream, prompt_ids, dec: Upstream
+                       ) -> AsyncIterator[wire.PrefillEvent]:
+        """The prefill server's PrefillEvents (announced, then computed; unannounced: the
+        computed one alone); a failure is an error event, the last."""
+        body = wire.encode(wire.PrefillRequest(prompt_ids, dec.info.engine_id, dec.info.tp_size,
+                                               announce=self.announce))
+        headers = {"content-type": "application/json"}
+        try:
+            if not self.announce:
+                r = await self.client.post(pre.url + "/pd/prefill", content=body, headers=headers)
+                if r.status_code != 200:
+                    yield wire.PrefillEvent(error=_upstream_error("prefill", pre.url, r))
+                else:
+                    yield wire.PrefillEvent(wire.decode(r.content, TransferParams), computed=True)
+                return
+            async with self.client.stream("POST", pre.url + "/pd/prefill", content=body,
+                                          headers=headers) as r:
+                if r.status_code != 200:
+                    await r.aread()
+                    yield wire.PrefillEvent(error=_upstream_error("prefill", pre.url, r))
+                    return
+                async for line in r.aiter_lines():
+                    if line:
+                        ev = wire.decode(line.encode(), wire.PrefillEvent)
+                        yield ev
+                        if ev.computed or ev.error is not None:
+                            return
+            yield wire.PrefillEvent(error=f"unavailable: prefill server {pre.url} ended its "
+                                          "answer early")
+        except httpx.HTTPError as e:
+            yield wire.PrefillEvent(error=f"unavailable: prefill server {pre.url}: "
+                                          f"{type(e).__name__}: {e}")
+
+    async def _decode(self, dec: Upstream, body) -> AsyncIterator[wire.TokenEvent]:
+        """The decode server's TokenEvents; `body`: bytes, or an async iterator of them (an
+        announced request's lines, the second sent once its prefill ended)."""
         try:
             async with self.decode_client.stream("POST", dec.url + "/pd/decode", content=body,
                                           headers={"content-type": "application/json"}) as r:

@@ -1,13 +1,17 @@
 """The HTTP face of one node (`pdbridge serve`): FastAPI routes over a NodeService.
 
 Every node: `GET /health`, `GET /pd/info` (NodeInfo), `GET /metrics`.
-Prefill: `POST /pd/prefill`, `/pd/prepare_permute`, `/pd/digest_reads`.
-Decode: `POST /pd/decode` (newline-delimited TokenEvents).
+Prefill: `POST /pd/prefill` (TransferParams; announced: newline-delimited PrefillEvents),
+`/pd/prepare_permute`, `/pd/digest_reads`.
+Decode: `POST /pd/decode` (newline-delimited TokenEvents; an announced request's body goes on
+with its PrefillComputed line).
 Both: `POST /pd/generate`, and the OpenAI routes (`/v1/...`) over its own engine.
 """
 from __future__ import annotations
 
-from typing import AsyncIterator
+import asyncio
+import time
+from typing import Any, AsyncIterator, Callable
 
 import msgspec
 from fastapi import FastAPI, Request
@@ -29,10 +33,47 @@ def _error(status: int, message: str, field: str | None = None) -> Response:
 
 
 async def _body(request: Request, kind: type):
+    return _decoded(await request.body(), kind)
+
+
+def _decoded(body: bytes, kind: type):
     try:
-        return wire.decode(await request.body(), kind)
+        return wire.decode(body, kind)
     except (msgspec.ValidationError, msgspec.DecodeError) as e:
         raise BadRequest(f"{kind.__name__}: {e}") from None
+
+
+async def _lines(request: Request) -> AsyncIterator[bytes]:
+    """The request body's newline-separated lines, each as soon as it is whole (the last
+    one needs no newline)."""
+    buf = b""
+    async for chunk in request.stream():
+        buf += chunk
+        while (i := buf.find(b"\n")) >= 0:
+            line, buf = buf[:i], buf[i + 1:]
+            if line.strip():
+                yield line
+    if buf.strip():
+        yield buf
+
+
+async def _word(service: NodeService, request_id: str, lines: AsyncIterator[bytes]) -> None:
+    """An announced request's PrefillComputed line, handed to the service; a body that ends
+    without one (the router left) or a malformed one is a failed prefill (failure policy)."""
+    error = "the router's request ended before the word that the prefill was computed"
+    try:
+        line = await anext(lines, None)
+        if line is not None:
+            word = wire.decode(line, wire.PrefillComputed)
+            if word.request_id == request_id:
+                service.computed(word)
+                return
+            error = f"the word names request {word.request_id!r}, not {request_id!r}"
+    except (msgspec.ValidationError, msgspec.DecodeError) as e:
+        error = f"PrefillComputed: {e}"
+    except Exception as e:          # the connection broke (ClientDisconnect)
+        error = f"{error} ({type(e).__name__})"
+    service.computed(wire.PrefillComputed(request_id, error))
 
 
 class LocalBackend:
@@ -83,9 +124,20 @@ def build_app(service: NodeService) -> FastAPI:
         @app.post("/pd/prefill")
         async def prefill(request: Request):
             req = await _body(request, wire.PrefillRequest)
-            with metrics.prefill_seconds.time():
-                params = await service.prefill(req)
-            return Response(wire.encode(params), media_type="application/json")
+            t0 = time.perf_counter()
+
+            async def events():
+                async for event in service.prefill(req):
+                    if event.computed:
+                        metrics.prefill_seconds.observe(time.perf_counter() - t0)
+                    yield event
+            if req.announce:
+                return await _ndjson(events(), lambda e: e.computed or e.error is not None)
+            async for last in events():
+                pass
+            if last.error is not None:
+                return _error(503, f"the prefill failed: {last.error}")
+            return Response(wire.encode(last.params), media_type="application/json")
 
         @app.post("/pd/prepare_permute")
         async def prepare_permute(request: Request):
@@ -100,7 +152,14 @@ def build_app(service: NodeService) -> FastAPI:
     if role is Role.DECODE:
         @app.post("/pd/decode")
         async def decode(request: Request):
-            req = await _body(request, wire.TransferRequest)
+            # One TransferRequest line; an announced one (computed False) is followed, on the
+            # same request body, by the PrefillComputed line once the prefill ended, which
+            # starts its transfer (read here while its answer waits for the first token).
+            lines = _lines(request)
+            req = _decoded(await anext(lines, b""), wire.TransferRequest)
+            if not req.computed and req.params is not None:
+                word_task = asyncio.create_task(_word(service, req.params.request_id, lines))
+                request.state.word_task = word_task     # held while the request lives
             return await _ndjson(service.decode(req))
 
     if role is Role.BOTH:
@@ -112,14 +171,20 @@ def build_app(service: NodeService) -> FastAPI:
     return app
 
 
-async def _ndjson(events: AsyncIterator[wire.TokenEvent]) -> StreamingResponse:
-    """The first event is awaited here, so a bad request is HTTP 400, not a 200 stream."""
+def _token_ends(event: wire.TokenEvent) -> bool:
+    return event.finish_reason is not None or event.error is not None
+
+
+async def _ndjson(events: AsyncIterator, last: Callable[[Any], bool] = _token_ends
+                  ) -> StreamingResponse:
+    """The first event is awaited here, so a bad request is HTTP 400, not a 200 stream;
+    `last(event)`: the stream ends with it."""
     first = await events.__anext__()
 
     async def lines():
         try:
             yield wire.event_line(first)
-            if first.finish_reason is None and first.error is None:
+            if not last(first):
                 async for ev in events:
                     yield wire.event_line(ev)
         finally:

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import os
+import queue
 import threading
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
@@ -30,7 +31,7 @@ from pdbridge.spec import CacheConfig
 
 from . import wire
 from .decode_node import (DecodeNode, OnFailure, PrepareFailed, PullFailed, PullJob,
-                          StartedPull, TransferRefused)
+                          StartedPull, TransferRefused, _FirstPull)
 from .engine_loop import EngineLoop
 from .prefill_node import PrefillNode
 from .tokenizer import read_files
@@ -38,7 +39,9 @@ from .transfer_params import TransferParams
 from .wire import Role
 
 
+log = logging.getLogger(__name__)
 DEFAULT_MODEL_NAME = "pdbridge-tiny"     # the embedded default model's id
+MAX_EARLY_NEWS = 1024   # decode: words of computed prefills kept for requests not yet allocated
 
 
 class BadRequest(ValueError):
@@ -66,6 +69,8 @@ class NodeConfig:
     cpus: tuple[int, ...] | None = None     # the CPUs the ranks split (cpu_affinity); None: any
     probe_every: int = 0                    # decode: every k-th pull first times a bare read
                                             # (DecodeNode.probe_every, bench serve); 0: never
+    prefill_wait_s: float = 300.0           # decode: an announced request's longest wait for
+                                            # the word that its prefill was computed
 
 
 class NodeService:
@@ -114,11 +119,17 @@ class NodeService:
         # decode: the one thread that runs transfers off the engine loop (and alone uses
         # _http and the node's rank channel while the server runs); it takes what queued
         # meanwhile as one batch (_transfer_queued)
-        self._transfers = ThreadPoolExecutor(1, thread_name_prefix="transfer") \
-            if role is Role.DECODE else None
+        self._transfers = _TransferThread() if role is Role.DECODE else None
         self._queued: deque[_Queued] = deque()
         # decode: transfer jobs submitted and not yet ended; at 0 the rank channel is free
         self._jobs, self._jobs_lock = 0, threading.Lock()
+        # decode: announced requests awaiting the word that their prefill was computed
+        # (request id -> (allocated request, since)), and words that came before their
+        # request had blocks; the handlers, the loop and transfer threads share them under
+        # the lock
+        self._await_lock = threading.Lock()
+        self._awaiting: dict[str, tuple[_Queued, float]] = {}
+        self._early_words: OrderedDict[str, tuple[str | None, float]] = OrderedDict()
         self.loop = EngineLoop(self.node, engine, name=f"engine-loop-{role.value}",
                                idle=self._idle, after_step=self._after_step,
                                on_broken=self._broken)
@@ -126,9 +137,13 @@ class NodeService:
     def close(self) -> None:
         self.loop.close()
         if self._transfers is not None:     # a running transfer ends within its deadlines
-            self._transfers.shutdown(wait=True, cancel_futures=True)
+            self._transfers.close()
             while self._queued:             # allocated, never pulled: the server is closing
                 self._queued.popleft().stream.fail(RuntimeError("the server was closed"))
+            with self._await_lock:
+                awaiting, self._awaiting = self._awaiting, {}
+            for q, _ in awaiting.values():
+                q.stream.fail(RuntimeError("the server was closed"))
         if self._http is not None:
             self._http.close()
         self.node.close()
@@ -167,22 +182,35 @@ class NodeService:
 
     # ---- prefill -----------------------------------------------------------------------
 
-    async def prefill(self, req: wire.PrefillRequest) -> TransferParams:
+    async def prefill(self, req: wire.PrefillRequest) -> AsyncIterator[wire.PrefillEvent]:
+        """The request's PrefillEvents: with req.announce, its TransferParams just before
+        the step that ends its prefill (PrefillNode.submit's announce: its blocks, not yet
+        computed); then, once its tokens are computed and its blocks held under a lease, the
+        `computed` event (the last). An error is raised before the first event (BadRequest)
+        or is the last event."""
         if len(req.prompt_ids) < 2:
             raise BadRequest("prompt: a disaggregated prompt needs at least 2 tokens")
         self.check_request(req.prompt_ids, 1)
-        done = _Completion()
+        events = _Events()
 
         def submit(node: PrefillNode) -> None:
-            rid = node.submit(req.prompt_ids)
+            announce = (lambda params: events.put(wire.PrefillEvent(params))) \
+                if req.announce else None
+            rid = node.submit(req.prompt_ids, announce)
 
             def finished(result):
                 if isinstance(result, TransferParams):
                     node.expect_readers(result, req.decode_engine_id, req.decode_tp)
-                done.set(result)
+                    events.put(wire.PrefillEvent(result, computed=True))
+                else:
+                    events.put(wire.PrefillEvent(error=f"{type(result).__name__}: {result}"))
             self._pending_prefills[rid] = finished
         await asyncio.wrap_future(self.loop.call(submit))
-        return await done.wait()
+        while True:
+            event = await events.get()
+            yield event
+            if event.computed or event.error is not None:
+                return
 
     def _after_step(self) -> None:
         if self._pending_prefills:
@@ -191,9 +219,13 @@ class NodeService:
                 if params is not None:
                     self._held[params.request_id] = params
                     self._pending_prefills.pop(rid)(params)
+        if self._awaiting:
+            self._expire_awaiting()
         self._retry_backlog()
 
     def _idle(self) -> None:
+        if self._awaiting:
+            self._expire_awaiting()
         if self.config.role is Role.PREFILL:
             self.node.poll()
             for rel in self.node.take_released():   # a server runs for days: keep none
@@ -237,18 +269,23 @@ class NodeService:
                 if stream.cancelled:
                     return True             # the client left while it waited
                 waited_s = time.perf_counter() - t0
-                early = self._may_send_early(node, req)
+                early = req.computed and self._may_send_early(node, req)
                 if early:
                     node.expect()           # the remote ranks wake while this allocates
                 try:
                     handle = node.allocate(req.prompt_ids, sampling)
-                except EngineFull:
-                    return False
                 except BaseException as e:
+                    if early:
+                        self._job_ended()   # the channel, reserved for it, is free again
+                    if isinstance(e, EngineFull):
+                        return False
                     stream.fail(e)
                     return True
-                self._queue_transfer(node, _Queued(handle, req, stream, t0, waited_s,
-                                                   time.perf_counter()), early)
+                q = _Queued(handle, req, stream, t0, waited_s, time.perf_counter())
+                if req.computed:
+                    self._queue_transfer(node, q, early)
+                else:                       # announced: its prefill is still computed
+                    self._await_computed(node, q)
                 return True
             if self._backlog or not attempt():
                 self._backlog.append((attempt, stream))
@@ -257,27 +294,125 @@ class NodeService:
         async for event in self._run(start, stream, now=True):
             yield event
 
+    # An announced request (TransferRequest.computed False): its blocks are allocated and its
+    # ranks plan ahead (DecodeNode.plan_ahead, on the transfer thread) while the prefill
+    # computes it; the word that it was computed (a line on its request body: node_app)
+    # starts its transfer, whose stage counts from there. A word that it failed, or none
+    # within prefill_wait_s: the failure policy. A client that leaves meanwhile: its blocks
+    # are freed (_expire_awaiting).
+
+    def _await_computed(self, node: DecodeNode, q: "_Queued") -> None:
+        """On the thread holding the engine, once the announced request has its blocks."""
+        rid = q.req.params.request_id
+        with self._await_lock:
+            word = self._early_words.pop(rid, None)
+            if word is None:
+                self._awaiting[rid] = (q, time.monotonic())
+        if word is not None:            # computed (or failed) before the blocks came
+            self._computed(node, q, *word)
+        elif not node.checksums:        # with checksums the Pull needs the digests first
+            with self._jobs_lock:
+                self._jobs += 1
+            self._transfers.submit(self._plan_ahead, node, q)
+
+    def computed(self, word: wire.PrefillComputed) -> None:
+        """The router's word that an announced request's prefill was computed (or failed):
+        its transfer starts from this thread, now (_computed)."""
+        t = time.perf_counter()
+        with self._await_lock:
+            entry = self._awaiting.pop(word.request_id, None)
+            if entry is None:           # its TransferRequest has no blocks yet (or is gone)
+                self._early_words[word.request_id] = (word.error, t)
+                while len(self._early_words) > MAX_EARLY_NEWS:
+                    self._early_words.popitem(last=False)
+                return
+        self._computed(self.node, entry[0], word.error, t)
+
+    def _computed(self, node: DecodeNode, q: "_Queued", error: str | None, t: float) -> None:
+        """On any thread (nothing here touches the engine): start the transfer, its stage
+        counted from `t` (with the channel free, its Pull, made ahead, goes to the remote
+        ranks first thing: issue 10), or hand the request to the failure policy."""
+        q = dataclasses.replace(q, t0=t, waited_s=0.0, t_submit=t)
+        if error is not None:           # on the loop thread (a recompute needs its steps)
+            verdict = f"the prefill was not computed: {error}"
+            fut = self.loop.call(lambda n: self._finish(n, q.handle, q.stream, verdict,
+                                                        0.0, 0.0))
+            fut.add_done_callback(lambda f: f.exception() is not None
+                                  and q.stream.fail(f.exception()))
+            return
+        early = q.started is not None or self._may_send_early(node, q.req)
+        if early and q.ahead is None:   # made ahead, its Pull goes at once: no Expect first
+            node.expect()
+        self._queue_transfer(node, q, early)
+
+    def _plan_ahead(self, node: DecodeNode, q: "_Queued") -> None:
+        """On the transfer thread: the ranks plan the announced request's pull while it
+        waits; skipped once its word came, or while transfers wait for this thread."""
+        try:
+            with self._await_lock:
+                if q.req.params.request_id not in self._awaiting or self._queued:
+                    return
+            first = node.plan_ahead([self._pull_job(node, q)])[0]
+        except Exception:               # best effort: the Pull plans, and reports failures
+            return
+        finally:
+            self._job_ended()
+        if first is not None:
+            with self._await_lock:      # its Pull, made: the word only sends it
+                entry = self._awaiting.get(q.req.params.request_id)
+                if entry is not None:
+                    self._awaiting[q.req.params.request_id] = (
+                        dataclasses.replace(entry[0], ahead=first), entry[1])
+
+    def _expire_awaiting(self) -> None:
+        """On the loop thread: announced requests with no word for prefill_wait_s, and those
+        whose client left, are taken from the waiting."""
+        wait_s, now = self.config.prefill_wait_s, time.monotonic()
+        with self._await_lock:
+            late = [rid for rid, (q, since) in self._awaiting.items()
+                    if now - since > wait_s or q.stream.cancelled]
+            entries = [self._awaiting.pop(rid)[0] for rid in late]
+        for q in entries:
+            if q.stream.cancelled:
+                self.engine.discard(q.handle.request_id)
+            else:
+                self._computed(self.node, q, f"no word within {wait_s:g} s (prefill_wait_s)",
+                               time.perf_counter())
+
     def _may_send_early(self, node: DecodeNode, req: wire.TransferRequest) -> bool:
-        """On the thread holding the engine: whether the rank channel is free (no transfer
-        job queued or running; only this thread adds one, so it stays free until it does)
-        and the request's Pull needs no other server first (checksums fetch digests; an
-        unknown prefill layout needs a handshake)."""
+        """Whether the request's Pull may go from this thread, now: it needs no other server
+        first (checksums fetch digests; an unknown prefill layout needs a handshake) and the
+        rank channel is free, which reserves it (_reserve_channel) for the request's
+        transfer job."""
+        return not node.checksums and node.knows_layout(req.params) and self._reserve_channel()
+
+    def _reserve_channel(self) -> bool:
+        """Whether the rank channel is free (no transfer job queued or running); if so it
+        is this caller's until the transfer job it queues ends (_queue_transfer with early)
+        or it gives it back (_job_ended)."""
         with self._jobs_lock:
-            free = self._jobs == 0
-        return free and not node.checksums and node.knows_layout(req.params)
+            if self._jobs:
+                return False
+            self._jobs = 1
+            return True
+
+    def _job_ended(self) -> None:
+        with self._jobs_lock:
+            self._jobs -= 1
 
     def _queue_transfer(self, node: DecodeNode, q: "_Queued", early: bool) -> None:
-        """On the thread holding the engine, the request's blocks allocated: queue its
-        transfer for the transfer thread. `early` (_may_send_early, asked before the
-        allocation): the request's Pull goes to the remote decode ranks from here, now
-        (DecodeNode.start_pull), and the transfer thread, once awake, runs rank 0's part
-        and collects (issue 10: the remote ranks do not wait for that thread's wakeup)."""
-        with self._jobs_lock:
-            self._jobs += 1
-        if early:
+        """The request's blocks allocated (any thread): queue its transfer for the transfer
+        thread. `early` (the channel reserved for it: _may_send_early): the request's Pull
+        goes to the remote decode ranks from here, now (DecodeNode.start_pull; or it went
+        already, q.started), and the transfer thread, once awake, runs rank 0's part and
+        collects (issue 10: the remote ranks do not wait for that thread's wakeup)."""
+        if not early:
+            with self._jobs_lock:
+                self._jobs += 1
+        elif q.started is None:
             job = self._pull_job(node, q)
             if not isinstance(job, str):
-                q = dataclasses.replace(q, started=node.start_pull(job))
+                q = dataclasses.replace(q, started=node.start_pull(job, q.ahead))
         self._queued.append(q)
         self._transfers.submit(self._transfer_queued)
 
@@ -289,8 +424,7 @@ class NodeService:
         try:
             self._transfer_batch()
         finally:
-            with self._jobs_lock:
-                self._jobs -= 1
+            self._job_ended()
 
     def _transfer_batch(self) -> None:
         batch: list[_Queued] = []
@@ -323,7 +457,7 @@ class NodeService:
         pull; the prefill server is asked to gather (permute) only for the ranks whose plans
         need it."""
         verdicts: list = [None] * len(batch)
-        jobs, where = [], []
+        jobs, where, firsts = [], [], []
         for i, q in enumerate(batch):
             if q.started is not None:           # sent already: collected before any send
                 verdicts[i] = node.finish_started(q.started, defer_after_work=True)
@@ -334,7 +468,9 @@ class NodeService:
             else:
                 jobs.append(job)
                 where.append(i)
-        for i, out in zip(where, node.pull_results_many(jobs, defer_after_work=True)):
+                firsts.append(q.ahead)
+        for i, out in zip(where, node.pull_results_many(jobs, defer_after_work=True,
+                                                        firsts=firsts)):
             verdicts[i] = out
         return verdicts
 
@@ -364,7 +500,8 @@ class NodeService:
     def _finish(self, node: DecodeNode, handle, stream: "_TokenStream", verdict,
                 seconds: float, waited_s: float) -> None:
         """On the loop thread: decode from the pulled state, recompute, or fail. `seconds`:
-        the transfer stage, request received -> pulls returned (waiting for this loop thread
+        the transfer stage, request received (announced: the word that its prefill was
+        computed) -> pulls returned (waiting for this loop thread
         after that is the next step's, in the time to first token)."""
         try:
             if isinstance(verdict, BaseException):
@@ -384,7 +521,7 @@ class NodeService:
             outcome.nbytes, outcome.descriptors, seconds, outcome.recomputed,
             tuple(sorted({r.strategy for r in outcome.results if r.strategy})),
             tuple(outcome.errors), queued_s=waited_s, pull_s=outcome.rank_pull_s,
-            pull_parts=_pull_parts(outcome.slowest),
+            pull_parts=_pull_parts(outcome.slowest), planned_ahead=outcome.planned_ahead,
             probe=wire.Probe(probe_s, probe_nbytes) if probe_s > 0 else None))
         self.loop.watch(outcome.request_id, self._sink(stream))
 
@@ -465,44 +602,68 @@ class NodeService:
     def _abort(self, stream: "_TokenStream") -> None:
         rid = stream.request_id
         if rid is None:
-            stream.cancelled = True             # still in the backlog: drop it there
+            stream.cancelled = True     # in the backlog, or announced (_expire_awaiting)
             return
         self.loop.unwatch(rid)
         self.engine.discard(rid)
 
 
+class _TransferThread:
+    """A decode server's one transfer thread: runs the calls submitted, in order. A plain
+    queue, no futures: submitting is on the transfer stage's path (issue 10). close() runs
+    none of those still queued and returns once the running one ended."""
+
+    def __init__(self):
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="transfer", daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable, *args) -> None:
+        self._calls.put((fn, args))
+
+    def _run(self) -> None:
+        while (call := self._calls.get()) is not None:
+            if self._closing:
+                continue
+            fn, args = call
+            try:
+                fn(*args)
+            except BaseException:       # each call reports its own failures; not this one
+                log.exception("transfer thread: %s failed", getattr(fn, "__name__", fn))
+
+    def close(self) -> None:
+        self._closing = True
+        self._calls.put(None)
+        self._thread.join()
+
+
 @dataclass(frozen=True)
 class _Queued:
-    """Decode: a request allocated on the loop thread, waiting for the transfer thread."""
+    """Decode: a request with its blocks, waiting for the transfer thread (or, announced,
+    for the word that its prefill was computed)."""
     handle: RequestHandle
     req: wire.TransferRequest
     stream: "_TokenStream"
     t0: float               # received
-    waited_s: float         # received -> allocated (the engine loop)
+    waited_s: float         # received -> allocated (the engine loop); announced: 0
     t_submit: float         # queued for the transfer thread
     started: StartedPull | None = None  # its Pull already sent to the remote ranks
+    ahead: _FirstPull | None = None     # announced: its Pull, made while planned ahead
 
 
-class _Completion:
-    """One result handed from the loop thread to an awaiting handler."""
+class _Events:
+    """Events from the loop thread to one awaiting handler, in order."""
 
     def __init__(self):
         self._loop = asyncio.get_running_loop()
-        self._fut = self._loop.create_future()
+        self._queue: asyncio.Queue = asyncio.Queue()
 
-    def set(self, result) -> None:
-        self._loop.call_soon_threadsafe(self._resolve, result)
+    def put(self, event) -> None:
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
 
-    def _resolve(self, result) -> None:
-        if self._fut.done():
-            return
-        if isinstance(result, BaseException):
-            self._fut.set_exception(result)
-        else:
-            self._fut.set_result(result)
-
-    async def wait(self):
-        return await self._fut
+    async def get(self):
+        return await self._queue.get()
 
 
 class _TokenStream:

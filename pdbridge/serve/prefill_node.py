@@ -67,6 +67,7 @@ class PrefillNode:
         self._released: deque[Release[RequestHandle]] = deque(maxlen=max_released)
         self.num_released = 0
         self.pushed = 0                     # requests pushed (and freed at once)
+        self._announced: dict[int, str] = {}    # engine request id -> its announced id
 
     def prefill(self, prompt_ids, push_to: PushTarget | None = None) -> TransferParams:
         """Compute tokens 0..N-2 and keep their blocks until the decode side has read them;
@@ -79,12 +80,21 @@ class PrefillNode:
             self.engine.step()
         return params
 
-    def submit(self, prompt_ids) -> int:
+    def submit(self, prompt_ids, announce: Callable[[TransferParams], None] | None = None
+               ) -> int:
         """Queue a prompt's prefill without running it (the caller steps the engine, as a
         server's engine loop does, batching it with others); returns the engine's request
-        id for `collect`."""
+        id for `collect`. `announce(params)` is called on the stepping thread just before
+        the step that ends the prefill, with the TransferParams collect will give (its
+        blocks are final then): for a decode engine to plan its reads while that step
+        computes. Nothing may be read before collect has put the blocks under a lease."""
         _check_prompt(prompt_ids)
-        return self.engine.add_prefill(prompt_ids)
+        before_last_step = None
+        if announce is not None:
+            def before_last_step(handle: RequestHandle) -> None:
+                rid = self._announced.setdefault(handle.request_id, request_id(self.engine_id))
+                announce(self._params(rid, handle))
+        return self.engine.add_prefill(prompt_ids, before_last_step)
 
     def collect(self, engine_request_id: int) -> TransferParams | None:
         """A submitted prefill's TransferParams once its tokens are computed (its blocks
@@ -92,7 +102,7 @@ class PrefillNode:
         handle = self.engine.prefilled_handle(engine_request_id)
         if handle is None:
             return None
-        rid = request_id(self.engine_id)
+        rid = self._announced.pop(engine_request_id, None) or request_id(self.engine_id)
         self.leases.register(rid, handle, self.clock())
         return self._params(rid, handle)
 

@@ -3,13 +3,22 @@ typed msgspec struct per message, JSON on the wire, every fact once.
 
     router  -- GET  /pd/info ---------------> any node      NodeInfo (model, tokenizer, load)
     router  -- POST /pd/prefill ------------> prefill       PrefillRequest -> TransferParams
+                                                            (announce: PrefillEvent lines)
     router  -- POST /pd/decode -------------> decode        TransferRequest -> TokenEvent lines
+                                                            (announced: then PrefillComputed)
     decode  -- POST /pd/prepare_permute ----> prefill       PermuteRequest -> PermuteBases
     decode  -- POST /pd/digest_reads -------> prefill       DigestRequest -> ReadDigests
     router  -- POST /pd/generate -----------> both          GenerateRequest -> TokenEvent lines
 
 Token streams are newline-delimited JSON, one TokenEvent per line; the last one has a
 finish_reason or an error.
+
+Announced prefills (PrefillRequest.announce, what the router asks): the prefill server
+answers two PrefillEvent lines, the request's TransferParams just before the step that ends
+its prefill (blocks allocated, not yet computed), then `computed` (or an error). The router
+passes the first on to the decode server at once (TransferRequest.computed False: it
+allocates and its ranks plan their reads while that step runs) and the second as a
+PrefillComputed line on the same request body, where the decode server's transfer starts.
 """
 from __future__ import annotations
 
@@ -79,6 +88,16 @@ class PrefillRequest(_Wire):
     prompt_ids: tuple[int, ...]
     decode_engine_id: str       # the decode engine chosen for it: its ranks will read
     decode_tp: int
+    announce: bool = False      # answer PrefillEvent lines (announced, computed), not params
+
+
+class PrefillEvent(_Wire):
+    """One line of an announced prefill's answer: its params just before its last step
+    (computed False; nothing may be read yet), then once computed (its blocks held under a
+    lease until read), or an error, the last line."""
+    params: TransferParams | None = None
+    computed: bool = False
+    error: str | None = None
 
 
 class TransferRequest(_Wire):
@@ -88,6 +107,16 @@ class TransferRequest(_Wire):
     sampling: Sampling
     params: TransferParams | None = None
     prefill_url: str = ""       # the prefill server, for permute and checksums
+    # False: the params were announced before the prefill was computed; the decode server
+    # allocates and plans now and transfers on the PrefillComputed line that follows
+    computed: bool = True
+
+
+class PrefillComputed(_Wire):
+    """The prefill of an announced request (TransferParams.request_id) was computed, or
+    failed (`error`: the decode server then recomputes or fails it, its failure policy)."""
+    request_id: str
+    error: str | None = None
 
 
 class GenerateRequest(_Wire):
@@ -141,7 +170,8 @@ class TransferStats(_Wire):
     """One request's transfer stage as the decode server saw it, end to end and in parts."""
     nbytes: int
     descriptors: int
-    seconds: float              # from receiving the request to its state in place (end to end:
+    seconds: float              # from receiving the request (an announced one: the word that
+                                # its prefill was computed) to its state in place (end to end:
                                 # the ranks' pulls returned, before the engine loop takes it)
     recomputed: bool
     strategies: tuple[str, ...] = ()
@@ -151,6 +181,7 @@ class TransferStats(_Wire):
     pull_s: float = 0.0         # the slowest decode rank's own pull: plan, read, notify
     pull_parts: PullParts | None = None     # of pull_s, in parts (pull mode)
     probe: Probe | None = None  # probed (the floor measured before its pull, in `seconds`)
+    planned_ahead: bool = False # every rank read from a plan made while the prefill ran
 
 
 class TokenEvent(_Wire):
@@ -177,5 +208,5 @@ def decode(data: bytes, kind: type):
     return msgspec.json.decode(data, type=kind)
 
 
-def event_line(event: TokenEvent) -> bytes:
+def event_line(event: TokenEvent | PrefillEvent) -> bytes:
     return _encoder.encode(event) + b"\n"

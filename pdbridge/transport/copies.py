@@ -80,12 +80,13 @@ def start_reads(transport: Transport, reads: BlockReads, peers: Mapping[int, str
     read per prefill rank, index pairs into rows the transport prepares once."""
     handles = []
     try:
-        for rows, indices, nbytes in reads.reads:
+        bounds = reads.bounds or [None] * len(reads.reads)
+        for (rows, indices, nbytes), b in zip(reads.reads, bounds):
             if rows.prefill_rank not in peers:
                 raise TransferError(f"reads from prefill rank {rows.prefill_rank}; no peer "
                                     f"known for it")
             handles.append(transport.read_rows(peers[rows.prefill_rank], rows, indices,
-                                               nbytes))
+                                               nbytes, bounds=b))
     except Exception:
         for h in handles:
             transport.release(h)

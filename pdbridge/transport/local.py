@@ -94,7 +94,8 @@ class LocalTransport:
         return handle
 
     def read_rows(self, peer: str, rows: BlockRows, indices: np.ndarray, nbytes: int,
-                  notify: bytes | None = None) -> XferHandle:
+                  notify: bytes | None = None, bounds: tuple[int, int, int] | None = None
+                  ) -> XferHandle:
         """NixlTransport.read_rows by its reference: the index pairs expanded to runs
         (BlockRows.runs), read as any read list (ranges checked)."""
         try:

@@ -24,7 +24,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pdbridge.plan.block_table import COUNT, NBYTES, OFFSET, REGION, STRIDE, BlockRows
+from pdbridge.plan.block_table import (COUNT, NBYTES, OFFSET, REGION, STRIDE, BlockRows,
+                                       index_bounds)
 from pdbridge.plan.transfer_plan import SCRATCH, TransferPlan
 
 from .chunks import ChunkTable, default_grain, split_runs
@@ -220,12 +221,14 @@ class NixlTransport:
         return self._post(h, peer, len(reads), reads.total_nbytes)
 
     def read_rows(self, peer: str, rows: BlockRows, indices: np.ndarray, nbytes: int,
-                  notify: bytes | None = None) -> XferHandle:
+                  notify: bytes | None = None, bounds: tuple[int, int, int] | None = None
+                  ) -> XferHandle:
         """Reads as index pairs (indices[0] into the peer's rows, indices[1] into ours) into
         lists prepared from `rows` once per peer (plan/block_table.py): make_prepped_xfer
         pairs them and merges the descriptors adjacent on both sides. Each row's whole extent
         was checked against its region when prepared; here only that every index is inside
-        its list."""
+        its list (from `bounds`, made with the indices when given: no array is walked on
+        the transfer's path)."""
         self._check_open()
         p = self._peers.get(peer)
         if p is None:
@@ -234,9 +237,10 @@ class NixlTransport:
         if lists is None:
             lists = p.rows[rows.key] = self._prepare_rows(peer, p, rows)
         n = indices.shape[1]
-        if not n or indices.min() < 0 or (indices.max(axis=1) >= lists.entries).any():
+        lo, hi_remote, hi_local = bounds if bounds is not None else index_bounds(indices)
+        if not n or lo < 0 or hi_remote >= lists.entries[0] or hi_local >= lists.entries[1]:
             raise TransferError(f"read from {peer}: {n} index pairs, some outside the "
-                                f"prepared lists of {lists.entries.tolist()} entries")
+                                f"prepared lists of {list(lists.entries)} entries")
         try:
             h = self._agent.make_prepped_xfer("READ", lists.local, indices[1], lists.remote,
                                               indices[0], notif_msg=notify or b"")
@@ -275,7 +279,7 @@ class NixlTransport:
                 for done in lists:
                     _quietly(self._agent.release_dlist_handle, done)
                 raise TransferError(f"preparing rows for {peer}: {_err(e)}") from None
-        return _PreparedRows(lists[0], lists[1], np.array(rows.entries, np.int64))
+        return _PreparedRows(lists[0], lists[1], rows.entries)
 
     def indices(self, peer: str, reads: ReadList) -> tuple[np.ndarray, np.ndarray]:
         """(remote, local) chunk indices of a read list; exposed for the benchmark."""
@@ -474,7 +478,7 @@ class NixlTransport:
 class _PreparedRows:
     remote: Any             # the peer's rows, prepared
     local: Any              # ours, prepared
-    entries: np.ndarray     # entries of each list: (remote, local)
+    entries: tuple[int, int]    # entries of each list: (remote, local)
 
 
 @dataclass(frozen=True)

@@ -197,9 +197,11 @@ class Transport(Protocol):
         """Start reading `reads` from `peer`; `notify` is delivered to the peer on success."""
 
     def read_rows(self, peer: str, rows: BlockRows, indices: np.ndarray, nbytes: int,
-                  notify: bytes | None = None) -> XferHandle:
+                  notify: bytes | None = None, bounds: tuple[int, int, int] | None = None
+                  ) -> XferHandle:
         """Start reading the entries of `rows` that `indices` pairs (row 0 the peer's, row 1
-        ours; plan/block_table.py), `nbytes` in all."""
+        ours; plan/block_table.py), `nbytes` in all. `bounds`: the indices' least, and
+        greatest of each row, where the caller has them (BlockReads.bounds)."""
 
     def write(self, peer: str, runs: ReadList, notify: bytes | None = None) -> XferHandle:
         """Start writing `runs` into `peer` (push mode): src region/offset HERE, dst

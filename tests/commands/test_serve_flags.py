@@ -40,3 +40,18 @@ def test_cpu_affinity_is_a_cpu_list_within_this_process(value, error, monkeypatc
     assert got.startswith(error) and bool(got) == bool(error), got
     with pytest.raises(SystemExit):                 # up: auto or off only (argparse says so)
         _args(up, ["--cpu-affinity", "0"])
+
+
+@pytest.mark.parametrize("s,error", [(0, "--prefill-wait-s must be > 0, got 0.0"),
+                                     (-1, "--prefill-wait-s must be > 0, got -1.0"),
+                                     (0.5, ""), (300, "")])
+def test_prefill_wait_s_is_positive(s, error, monkeypatch):
+    monkeypatch.setenv("PDBRIDGE_SECRET", "x")
+    assert serve.check(_args(serve, ["--role", "decode", "--prefill-wait-s", str(s)])) == error
+
+
+def test_the_router_announces_unless_told_not_to():
+    from pdbridge.commands import router
+    base = ["--prefill", "http://127.0.0.1:1", "--decode", "http://127.0.0.1:2"]
+    assert _args(router, base).announce and not _args(router, base + ["--no-announce"]).announce
+    assert _args(up, []).announce and not _args(up, ["--no-announce"]).announce

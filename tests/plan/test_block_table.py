@@ -52,8 +52,10 @@ def test_block_reads_are_the_direct_plans_reads(preset, p_tp, d_tp, cfg):
             assert np.array_equal(_expanded(reads), _plan_runs(plan)), (rank, n, pb, db)
             assert reads.total_nbytes == plan.total_nbytes
             assert reads.source_ranks() == plan.source_ranks()
-            for rows, idx, _ in reads.reads:
+            assert len(reads.bounds) == len(reads.reads)
+            for (rows, idx, _), (lo, *hi) in zip(reads.reads, reads.bounds):
                 assert idx.dtype == np.int32 and idx.shape[0] == 2
+                assert lo == idx.min() and hi == idx.max(axis=1).tolist()   # the bounds made
                 for side in (0, 1):
                     assert 0 <= idx[side].min() and idx[side].max() < rows.entries[side]
 

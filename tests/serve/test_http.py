@@ -340,3 +340,54 @@ def test_each_rank_of_the_deployment_runs_on_cpus_of_its_own(stack):
     parts = " | ".join(format_cpu_list(rank_cpus(split[1], 2, r)) for r in range(2))
     assert (f"[decode0] pdbridge serve: starting the decode engine (TP=2, ranks on CPUs "
             f"{parts}) ...") in stack["proc"].output, stack["proc"].output     # and says so
+
+
+def test_an_announced_request_whose_router_leaves_before_the_word_is_recomputed(
+        stack, monolithic):
+    """The router hands a request to the decode server when the prefill server announces it
+    and sends the word that it was computed on the same request body. A body that ends
+    without the word (the router went away) is a failed prefill: the decode server recomputes
+    (`up`'s failure policy), never waits for it; without announcing (`router --no-announce`)
+    the params go once computed, and the tokens are the same."""
+    from pdbridge.serve import wire
+    from pdbridge.serve.http_router import PDBackend
+    prompt = tuple(default_model.encode(PROMPTS[3]))
+    want = monolithic(prompt, 4)
+    info = wire.decode(httpx.get(stack["decode"] + "/pd/info").content, wire.NodeInfo)
+
+    async def main():
+        async with httpx.AsyncClient(timeout=60) as c:
+            body = wire.encode(wire.PrefillRequest(prompt, info.engine_id, info.tp_size,
+                                                   announce=True))
+            async with c.stream("POST", stack["prefill"] + "/pd/prefill", content=body) as r:
+                lines = r.aiter_lines()
+                announced = wire.decode((await anext(lines)).encode(), wire.PrefillEvent)
+                assert announced.params is not None and not announced.computed
+                req = wire.TransferRequest(prompt, wire.Sampling(max_tokens=4),
+                                           announced.params, stack["prefill"], computed=False)
+
+                async def no_word():
+                    yield wire.event_line(req)      # and then nothing: the body ends
+                r2 = await c.post(stack["decode"] + "/pd/decode", content=no_word())
+                computed = wire.decode((await anext(lines)).encode(), wire.PrefillEvent)
+                assert computed.computed and computed.params == announced.params
+        events = [wire.decode(line.encode(), wire.TokenEvent)
+                  for line in r2.text.splitlines() if line]
+        assert r2.status_code == 200 and events[-1].error is None, r2.text
+        stats = events[0].transfer
+        assert stats.recomputed and any("ended before the word" in e for e in stats.errors)
+        assert [t for ev in events for t in ev.token_ids] == want
+        out = {}
+        for announce in (False, True):
+            backend = PDBackend([stack["prefill"]], [stack["decode"]], announce=announce)
+            await backend.start(30)
+            try:
+                events = [ev async for ev in backend.stream(prompt, wire.Sampling(max_tokens=4))]
+            finally:
+                await backend.close()
+            assert events[-1].error is None
+            out[announce] = ([t for ev in events for t in ev.token_ids], events[0].transfer)
+        assert out[False][0] == out[True][0] == want
+        assert not out[False][1].planned_ahead      # announced: planned ahead if in time
+        assert not out[True][1].recomputed and not out[False][1].recomputed
+    asyncio.run(main())

@@ -128,7 +128,7 @@ def test_an_idle_servers_pull_is_sent_at_allocation_and_decodes_the_same(nodes, 
     node = svc.node
     started = []
     real = node.start_pull
-    monkeypatch.setattr(node, "start_pull", lambda job: started.append(job) or real(job))
+    monkeypatch.setattr(node, "start_pull", lambda job, first=None: started.append(job) or real(job, first))
     want = monolithic(model_dir, PROMPTS[:3], 4)
     for prompt, expect in zip(PROMPTS[:3], want):       # one at a time: the server idle
         tokens, stats = asyncio.run(_collect(svc, _request(pre, prompt, 4)))

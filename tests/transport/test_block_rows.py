@@ -12,7 +12,7 @@ import pytest
 
 from pdbridge.model.default_model import CONFIG
 from pdbridge.plan import PlanCache, RequestBlocks, Strategy
-from pdbridge.plan.block_table import OFFSET
+from pdbridge.plan.block_table import OFFSET, index_bounds
 from pdbridge.spec import CacheConfig, EngineLayout, load_model_spec
 from pdbridge.transport.copies import start_plan, start_reads
 from pdbridge.transport.local import LocalTransport
@@ -95,10 +95,11 @@ def test_rows_or_indices_outside_the_regions_are_refused(kind):
         pb, db = RequestBlocks(40, (1, 2, 3), 4), RequestBlocks(40, (6, 7, 8), 9)
         rows, idx, nbytes = cache.block_reads(PREFILL, DECODE, 1, pb, db,
                                               Strategy.DIRECT).reads[0]
-        with pytest.raises(TransferError, match="outside"):
-            d.read_rows(p.name, rows, idx + np.array([[0], [10 ** 6]], np.int32), nbytes)
-        with pytest.raises(TransferError, match="outside"):
-            d.read_rows(p.name, rows, idx - np.array([[10 ** 6], [0]], np.int32), nbytes)
+        for shift in ([[0], [10 ** 6]], [[-10 ** 6], [0]], [[10 ** 6], [0]]):
+            bad_idx = idx + np.array(shift, np.int32)
+            for bounds in (None, index_bounds(bad_idx)):    # walked here, or made ahead
+                with pytest.raises(TransferError, match="outside"):
+                    d.read_rows(p.name, rows, bad_idx, nbytes, bounds=bounds)
         # Rows made for a bigger decode engine than the one registered: refused whole.
         local = rows.local.copy()
         local[:, OFFSET] += DECODE.rank(1).regions[0].nbytes
