@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import AsyncIterator
 
@@ -188,54 +189,55 @@ class PDBackend:
         computed one alone); a failure is an error event, the last."""
         body = wire.encode(wire.PrefillRequest(prompt_ids, dec.info.engine_id, dec.info.tp_size,
                                                announce=self.announce))
-        headers = {"content-type": "application/json"}
+        if self.announce:
+            async with aclosing(_events(self.client, "prefill", pre.url, "/pd/prefill", body,
+                                        wire.PrefillEvent, lambda e: e.computed)) as events:
+                async for ev in events:
+                    yield ev
+            return
         try:
-            if not self.announce:
-                r = await self.client.post(pre.url + "/pd/prefill", content=body, headers=headers)
-                if r.status_code != 200:
-                    yield wire.PrefillEvent(error=_upstream_error("prefill", pre.url, r))
-                else:
-                    yield wire.PrefillEvent(wire.decode(r.content, TransferParams), computed=True)
-                return
-            async with self.client.stream("POST", pre.url + "/pd/prefill", content=body,
-                                          headers=headers) as r:
-                if r.status_code != 200:
-                    await r.aread()
-                    yield wire.PrefillEvent(error=_upstream_error("prefill", pre.url, r))
-                    return
-                async for line in r.aiter_lines():
-                    if line:
-                        ev = wire.decode(line.encode(), wire.PrefillEvent)
-                        yield ev
-                        if ev.computed or ev.error is not None:
-                            return
-            yield wire.PrefillEvent(error=f"unavailable: prefill server {pre.url} ended its "
-                                          "answer early")
+            r = await self.client.post(pre.url + "/pd/prefill", content=body,
+                                       headers={"content-type": "application/json"})
         except httpx.HTTPError as e:
             yield wire.PrefillEvent(error=f"unavailable: prefill server {pre.url}: "
                                           f"{type(e).__name__}: {e}")
+            return
+        if r.status_code != 200:
+            yield wire.PrefillEvent(error=_upstream_error("prefill", pre.url, r))
+        else:
+            yield wire.PrefillEvent(wire.decode(r.content, TransferParams), computed=True)
 
     async def _decode(self, dec: Upstream, body) -> AsyncIterator[wire.TokenEvent]:
         """The decode server's TokenEvents; `body`: bytes, or an async iterator of them (an
         announced request's lines, the second sent once its prefill ended)."""
-        try:
-            async with self.decode_client.stream("POST", dec.url + "/pd/decode", content=body,
-                                          headers={"content-type": "application/json"}) as r:
-                if r.status_code != 200:
-                    await r.aread()
-                    yield wire.TokenEvent(error=_upstream_error("decode", dec.url, r))
-                    return
-                async for line in r.aiter_lines():
-                    if line:
-                        ev = wire.decode(line.encode(), wire.TokenEvent)
-                        yield ev
-                        if ev.finish_reason is not None or ev.error is not None:
-                            return
-            yield wire.TokenEvent(error=f"unavailable: decode server {dec.url} ended the "
-                                        "stream early")
-        except httpx.HTTPError as e:
-            yield wire.TokenEvent(error=f"unavailable: decode server {dec.url}: "
-                                        f"{type(e).__name__}: {e}")
+        async with aclosing(_events(self.decode_client, "decode", dec.url, "/pd/decode", body,
+                                    wire.TokenEvent, lambda e: e.finish_reason is not None)
+                            ) as events:
+            async for ev in events:     # closed with this one: a client that leaves ends it
+                yield ev
+
+
+async def _events(client: httpx.AsyncClient, role: str, base: str, path: str, body, kind,
+                  last) -> AsyncIterator:
+    """An upstream's newline-delimited `kind` events up to the one that is `last` or an
+    error; a failure (HTTP status, connection, an answer that ends early) is an error event
+    of `kind`, the last."""
+    try:
+        async with client.stream("POST", base + path, content=body,
+                                 headers={"content-type": "application/json"}) as r:
+            if r.status_code != 200:
+                await r.aread()
+                yield kind(error=_upstream_error(role, base, r))
+                return
+            async for line in r.aiter_lines():
+                if line:
+                    ev = wire.decode(line.encode(), kind)
+                    yield ev
+                    if last(ev) or ev.error is not None:
+                        return
+        yield kind(error=f"unavailable: {role} server {base} ended its answer early")
+    except httpx.HTTPError as e:
+        yield kind(error=f"unavailable: {role} server {base}: {type(e).__name__}: {e}")
 
 
 def _upstream_error(role: str, url: str, r: httpx.Response) -> str:

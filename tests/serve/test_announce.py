@@ -102,6 +102,14 @@ def _request(prompt, params, max_tokens=6):
                                 computed=False)
 
 
+def _run(svc, pre, prompt, max_tokens: int, failed: str | None = None, **kw):
+    """One request announced by `pre` and decoded by `svc` with its word (PrefillComputed,
+    `failed`: the prefill's error): (tokens, transfer stats, error)."""
+    params, _ = _announced(pre, prompt)
+    return asyncio.run(_decode(svc, _request(prompt, params, max_tokens),
+                               wire.PrefillComputed(params.request_id, failed), **kw))
+
+
 def _all_free(svc) -> bool:
     pool = svc.engine.scheduler.pool
     return pool.num_free == pool.num_blocks
@@ -110,45 +118,31 @@ def _all_free(svc) -> bool:
 def test_an_announced_request_reads_from_the_plan_made_ahead(model_dir, pre, svc):
     want = monolithic(model_dir, PROMPTS, 6)
     for prompt, expect in zip(PROMPTS, want):
-        params, _ = _announced(pre, prompt)
-        t_word = time.perf_counter()
-        tokens, stats, error = asyncio.run(_decode(
-            svc, _request(prompt, params), wire.PrefillComputed(params.request_id)))
+        t_announced = time.perf_counter()
+        tokens, stats, error = _run(svc, pre, prompt, 6)
         assert error is None and tokens == expect
         assert stats.planned_ahead and not stats.recomputed and stats.nbytes > 0
         assert stats.pull_parts.plan_s == 0.0       # planned ahead, not in the pull
-        assert 0 < stats.seconds < time.perf_counter() - t_word      # from the word on
+        assert 0 < stats.seconds < time.perf_counter() - t_announced     # from the word
     wait_until(lambda: _all_free(svc), 30, "every decode block back")
 
 
 def test_a_word_before_the_blocks_and_one_before_the_plan_decode_the_same(model_dir, pre, svc):
-    prompt = PROMPTS[1]
-    expect = monolithic(model_dir, [prompt], 5)[0]
-    params, _ = _announced(pre, prompt)
-    tokens, stats, error = asyncio.run(_decode(
-        svc, _request(prompt, params, 5), wire.PrefillComputed(params.request_id),
-        word_first=True))
-    assert error is None and tokens == expect and not stats.recomputed
-    params, _ = _announced(pre, prompt)
-    tokens, stats, error = asyncio.run(_decode(
-        svc, _request(prompt, params, 5), wire.PrefillComputed(params.request_id), ahead=False))
-    assert error is None and tokens == expect and not stats.recomputed
+    expect = monolithic(model_dir, [PROMPTS[1]], 5)[0]
+    for kw in ({"word_first": True}, {"ahead": False}):
+        tokens, stats, error = _run(svc, pre, PROMPTS[1], 5, **kw)
+        assert error is None and tokens == expect and not stats.recomputed, kw
     wait_until(lambda: _all_free(svc), 30, "every decode block back")
 
 
 def test_a_failed_prefill_is_recomputed_or_failed_as_configured(model_dir, pre, svc):
     prompt = PROMPTS[3]
-    expect = monolithic(model_dir, [prompt], 4)[0]
-    params, _ = _announced(pre, prompt)
-    tokens, stats, error = asyncio.run(_decode(
-        svc, _request(prompt, params, 4), wire.PrefillComputed(params.request_id, "boom")))
-    assert error is None and tokens == expect and stats.recomputed
+    tokens, stats, error = _run(svc, pre, prompt, 4, "boom")
+    assert error is None and tokens == monolithic(model_dir, [prompt], 4)[0] and stats.recomputed
     assert any("the prefill was not computed: boom" in e for e in stats.errors), stats.errors
     failing = _service(on_failure=OnFailure.FAIL)
     try:
-        params, _ = _announced(pre, prompt)
-        tokens, _, error = asyncio.run(_decode(
-            failing, _request(prompt, params, 4), wire.PrefillComputed(params.request_id, "boom")))
+        tokens, _, error = _run(failing, pre, prompt, 4, "boom")
         assert tokens == [] and error.startswith("transfer_failed:") and "boom" in error
         wait_until(lambda: _all_free(failing), 30, "every decode block back")
     finally:
