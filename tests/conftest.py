@@ -1,6 +1,14 @@
 import os
+import signal
 
 import pytest
+
+# A suite started in the background of a non-interactive shell (`cmd &`) inherits SIGINT
+# ignored, and so would every process it starts: `pdbridge` then keeps ignoring Ctrl-C, as a
+# backgrounded program should, and the Ctrl-C tests (test_interrupt, the servers' exit status
+# 130) would fail for the launch, not the code. Handled here, it is the default in children.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_addoption(parser):
