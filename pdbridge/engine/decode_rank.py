@@ -146,20 +146,16 @@ class DecodeRank(RankBase):
         return PlannedAhead(self.rank, planned)
 
     def _planned_ahead(self, call: Pull) -> "_Pending | None":
-        """The plan made ahead for this Pull's request, if it was made from the very inputs
-        the plan depends on (the prefill engine, layout, endpoints and blocks, this rank's
-        blocks, the strategies and scratch bases; not the deadlines, the probe or the
-        checksums, and the layout whether sent whole or named by its digest)."""
+        """The plan made ahead for this Pull's request, if the Pull equals the one it was made
+        from in every field but those no plan depends on (deadlines, the probe) and the
+        layout's form (sent whole, or named by its digest: the same digest)."""
         ahead = self._ahead.pop(call.request_id, None)
         if ahead is None:
             return None
         a = ahead.call
-        same = (a.prefill_engine_id == call.prefill_engine_id and a.endpoints == call.endpoints
-                and a.prefill_blocks == call.prefill_blocks
-                and a.decode_blocks == call.decode_blocks and a.strategy == call.strategy
-                and a.strategies == call.strategies and a.scratch_bases == call.scratch_bases
-                and (a.checksums is None) == (call.checksums is None)
-                and ahead.prefill.digest == call.prefill_layout.get("digest"))
+        same = ahead.prefill.digest == call.prefill_layout.get("digest") and a == \
+            msgspec.structs.replace(call, prefill_layout=a.prefill_layout, timeout_s=a.timeout_s,
+                                    renew_every_s=a.renew_every_s, probe_nbytes=a.probe_nbytes)
         return ahead if same else None
 
     def _begin(self, call: Pull, post: bool = True) -> "_Pending | PullResult":

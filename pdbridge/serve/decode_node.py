@@ -149,13 +149,13 @@ class PullJob:
 class StartedPull:
     """A job's first Pull sent to the remote decode ranks (DecodeNode.start_pull), for
     finish_started; or, where it could not be asked, its outcome already."""
-    first: "_FirstPull | None"
+    first: "FirstPull | None"
     ask: Asked | None
     outcome: "tuple[PullResult, ...] | BaseException | None"
 
 
 @dataclass
-class _FirstPull:
+class FirstPull:
     job: PullJob
     chosen: dict[int, Strategy]             # rank -> strategy, so far
     bases: dict[int, dict[int, int]]        # prefill rank -> decode rank -> scratch base
@@ -303,7 +303,7 @@ class DecodeNode:
         return out
 
     def pull_results_many(self, jobs: list["PullJob"], defer_after_work: bool = False,
-                          firsts: "list[_FirstPull | None] | None" = None
+                          firsts: "list[FirstPull | None] | None" = None
                           ) -> list[tuple[PullResult, ...] | BaseException]:
         """pull_results of several requests, their first pulls in one round trip to each
         rank (PullBatch: the reads of all of them in flight together); what needs a second
@@ -318,7 +318,7 @@ class DecodeNode:
                 out.append(first or self._first_pull(job))
             except (ValueError, TransferRefused) as e:
                 out.append(e)
-        firsts = [(i, r) for i, r in enumerate(out) if isinstance(r, _FirstPull)]
+        firsts = [(i, r) for i, r in enumerate(out) if isinstance(r, FirstPull)]
         answers = self._pull_all([r.pull for _, r in firsts])
         for (i, first), results in zip(firsts, answers):
             out[i] = self._then_prepared(first, results)
@@ -340,7 +340,7 @@ class DecodeNode:
         """Whether the request's prefill layout is here already (no handshake to ask it)."""
         return params.layout_digest in self._prefill_layouts
 
-    def start_pull(self, job: PullJob, first: "_FirstPull | None" = None) -> "StartedPull":
+    def start_pull(self, job: PullJob, first: "FirstPull | None" = None) -> "StartedPull":
         """pull_results' first half for one job: its Pull sent to the remote ranks now, so
         they read while the caller goes on; finish_started does the rest (rank 0's part,
         the replies, preparation). Nothing else may use the rank channel in between.
@@ -349,7 +349,7 @@ class DecodeNode:
             first = first or self._first_pull(job)
         except (ValueError, TransferRefused) as e:
             return StartedPull(None, None, e)
-        if not isinstance(first, _FirstPull):
+        if not isinstance(first, FirstPull):
             return StartedPull(None, None, first)
         return StartedPull(first, self.channel.send(first.pull, body=first.body), None)
 
@@ -368,7 +368,7 @@ class DecodeNode:
             self.run_after_work()
         return out
 
-    def plan_ahead(self, jobs: list[PullJob]) -> list["_FirstPull | None"]:
+    def plan_ahead(self, jobs: list[PullJob]) -> list["FirstPull | None"]:
         """Every decode rank plans these requests' pulls now and keeps the plans (PlanAhead),
         so that their Pulls, asked later with the same inputs, only read: for requests whose
         prefill engine still computes them. Per job, its first Pull made now, for
@@ -376,13 +376,13 @@ class DecodeNode:
         be planned ahead (a failed handshake, a refusal, a permute that needs the prefill
         side first: its Pull then plans and reports that). Best effort, and it reads
         nothing. EngineError if a rank's process died."""
-        firsts: list[_FirstPull | None] = []
+        firsts: list[FirstPull | None] = []
         for job in jobs:
             try:
                 first = self._first_pull(dataclasses.replace(job, prepare=None), probe=False)
             except (ValueError, TransferRefused):
                 first = None
-            firsts.append(first if isinstance(first, _FirstPull) else None)
+            firsts.append(first if isinstance(first, FirstPull) else None)
         pulls = [f.pull for f in firsts if f is not None]
         if not pulls:
             return firsts
@@ -409,7 +409,7 @@ class DecodeNode:
         return self._last_rank_nbytes if self._pulls % self.probe_every == 0 else 0
 
     def _first_pull(self, job: "PullJob", probe: bool = True
-                    ) -> "_FirstPull | tuple[PullResult, ...]":
+                    ) -> "FirstPull | tuple[PullResult, ...]":
         """The job's first Pull, or every rank's failed result when it cannot be asked
         (`probe`: it may carry a floor probe; plan_ahead's never does)."""
         b, params = job.handle.blocks, job.params
@@ -435,7 +435,7 @@ class DecodeNode:
             prefill_layout = {"digest": digest}
         else:
             self._layouts_sent.add(digest)
-        return _FirstPull(job, chosen, bases, Pull(
+        return FirstPull(job, chosen, bases, Pull(
             params.request_id, params.engine_id, prefill_layout, params.endpoints,
             params.prefill_blocks, (b.num_tokens, b.attn_blocks, b.state_block),
             self.strategy, bases, self.pull_timeout_s, job.renew_every_s, chosen,
@@ -464,7 +464,7 @@ class DecodeNode:
         return {j: replies.get(j) or PullResult(j, False, f"no answer within {timeout_s:g} s")
                 for j in asked}
 
-    def _then_prepared(self, first: "_FirstPull", results: dict[int, PullResult]
+    def _then_prepared(self, first: "FirstPull", results: dict[int, PullResult]
                        ) -> tuple[PullResult, ...]:
         """After the first pull: the ranks that answered needs_prepare are prepared for
         (first.job.prepare) and pull again, or fail with the reason."""

@@ -31,7 +31,7 @@ from pdbridge.spec import CacheConfig
 
 from . import wire
 from .decode_node import (DecodeNode, OnFailure, PrepareFailed, PullFailed, PullJob,
-                          StartedPull, TransferRefused, _FirstPull)
+                          StartedPull, TransferRefused, FirstPull)
 from .engine_loop import EngineLoop
 from .prefill_node import PrefillNode
 from .tokenizer import read_files
@@ -649,7 +649,7 @@ class _Queued:
     waited_s: float         # received -> allocated (the engine loop); announced: 0
     t_submit: float         # queued for the transfer thread
     started: StartedPull | None = None  # its Pull already sent to the remote ranks
-    ahead: _FirstPull | None = None     # announced: its Pull, made while planned ahead
+    ahead: FirstPull | None = None     # announced: its Pull, made while planned ahead
 
 
 class _Events:
